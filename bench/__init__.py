@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark cases under ``bench/``)."""

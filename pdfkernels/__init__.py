@@ -1,0 +1,21 @@
+"""pdfkernels: fused kernels for Parallel Decoupling Framework (PDF) embedding training.
+
+Public ops (validated inputs, explicit dispatch; see ``pdfkernels.backend``):
+
+- ``prefix_attention`` / ``prefix_attention_varlen``: attention over N paths of deep prefixes.
+- ``gaussian_loglik_pairwise``, ``mim_loss``, ``estimator_nll``: the vCLUB Gaussian terms.
+
+``pdfkernels.reference`` holds the plain-PyTorch specification of each.
+"""
+
+from .gaussian import estimator_nll, gaussian_loglik_pairwise, mim_loss
+from .prefix_attention import prefix_attention, prefix_attention_varlen
+
+__all__ = [
+    "estimator_nll",
+    "gaussian_loglik_pairwise",
+    "mim_loss",
+    "prefix_attention",
+    "prefix_attention_varlen",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""The one list of shipped kernel configurations.
+
+Launchers pick their launch parameters from here, and ``python -m pdfkernels.aot`` compiles every entry
+for sm_80 and sm_90, so a configuration cannot ship without being compiled and inspected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compiled variant of a kernel: argument types, constexpr values and launch parameters."""
+
+    kernel: Any  # a triton JITFunction
+    variant: str  # short label for reports, e.g. "fp32" or "bf16 D=128"
+    signature: dict[str, str]  # argument name -> Triton type ("*fp32", "i32", "fp32", "constexpr")
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+    expect_wgmma: bool = False  # sm_90 code must use wgmma (tensor-core dots on 16-bit inputs)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel.fn.__name__}[{self.variant}]"
+
+
+KERNEL_CONFIGS: list[KernelConfig] = []
+
+
+def register(config: KernelConfig) -> KernelConfig:
+    KERNEL_CONFIGS.append(config)
+    return config
+
+
+def configs_for(kernel: Any) -> list[KernelConfig]:
+    return [c for c in KERNEL_CONFIGS if c.kernel is kernel]
+
+
+def load_all() -> list[KernelConfig]:
+    """Import every module that registers kernels, then return the full list."""
+    from . import _selftest_kernel  # noqa: F401  (registers on import)
+
+    return list(KERNEL_CONFIGS)
