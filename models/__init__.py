@@ -1,6 +1,5 @@
-"""Model wrappers that put pdfkernels into Hugging Face Qwen2-VL and LLaVA models.
+"""Model-side modules for PDF: the vCLUB estimator (the Hugging Face wrappers land with the model issue)."""
 
-Empty until the model-wrapper issue lands; nothing here is public yet.
-"""
+from .vclub import VCLUB
 
-__all__: list[str] = []
+__all__ = ["VCLUB"]

@@ -8,7 +8,8 @@ Public ops (validated inputs, explicit dispatch; see ``pdfkernels.backend``):
 ``pdfkernels.reference`` holds the plain-PyTorch specification of each.
 """
 
-from .gaussian import estimator_nll, gaussian_loglik_pairwise, mim_loss
+from .gaussian_mim import estimator_nll, mim_loss
+from .gaussian_pairwise import gaussian_loglik_pairwise
 from .prefix_attention import prefix_attention, prefix_attention_varlen
 
 __all__ = [
