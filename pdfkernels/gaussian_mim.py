@@ -244,16 +244,27 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _row_chunks(b: int, d: int, elements: int = 1 << 16):
+    """Row slices of about ``elements`` values per path: the PyTorch path's temporaries stay O(N d)-sized."""
+    rows = max(1, elements // max(d, 1))
+    return [slice(r, min(r + rows, b)) for r in range(0, b, rows)]
+
+
 def _stats_torch(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> PathStats:
+    """Statistics of each row chunk, merged with the same update the kernel and the ranks use."""
     acc = _acc_dtype(y)
-    y, mu, logvar = y.to(acc), mu.to(acc), logvar.to(acc)
-    w = torch.exp(-logvar)
-    w_sum = w.sum(1)
-    m_bar = (w * mu).sum(1) / w_sum
-    s2 = (w * (mu - m_bar[:, None]).square()).sum(1)
-    y_mean = y.mean(1)
-    y_m2 = (y - y_mean[:, None]).square().sum(1)
-    return PathStats(w_sum, m_bar, s2, logvar.sum(1), y_mean, y_m2, y.shape[1])
+    merged = None
+    for rows in _row_chunks(y.shape[1], y.shape[2]):
+        yc, muc, lvc = y[:, rows].to(acc), mu[:, rows].to(acc), logvar[:, rows].to(acc)
+        w = torch.exp(-lvc)
+        w_sum = w.sum(1)
+        m_bar = (w * muc).sum(1) / w_sum
+        s2 = (w * (muc - m_bar[:, None]).square()).sum(1)
+        y_mean = yc.mean(1)
+        y_m2 = (yc - y_mean[:, None]).square().sum(1)
+        chunk = PathStats(w_sum, m_bar, s2, lvc.sum(1), y_mean, y_m2, yc.shape[1])
+        merged = chunk if merged is None else _merge_two(merged, chunk)
+    return merged
 
 
 def _stats_triton(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> PathStats:
@@ -311,47 +322,55 @@ def _others_stats(stats: PathStats) -> tuple[torch.Tensor, int]:
 # ---------------------------------------------------------------------------------------------------
 
 def _forward_torch(y, mu, logvar, stats: PathStats | None, alpha: float, beta: float) -> torch.Tensor:
-    n, acc = y.shape[0], _acc_dtype(y)
+    n, b, d = y.shape
+    acc = _acc_dtype(y)
     total = torch.zeros((), dtype=acc, device=y.device)
-    for i in range(n):
-        yi = y[i].to(acc)
-        for j in range(n):
-            if i == j:
-                continue
-            lv = logvar[j].to(acc)
-            term = alpha * (torch.exp(-lv) * (yi - mu[j].to(acc)).square() + lv)
-            if stats is not None:  # combined per element, as in the kernel, before any sum
-                term = term + beta * (stats.w_sum[j] * (yi - stats.m_bar[j]).square() + stats.s2[j] + stats.lv_sum[j])
-            total = total + term.sum()
+    for rows in _row_chunks(b, d):
+        for i in range(n):
+            yi = y[i, rows].to(acc)
+            for j in range(n):
+                if i == j:
+                    continue
+                lv = logvar[j, rows].to(acc)
+                term = alpha * (torch.exp(-lv) * (yi - mu[j, rows].to(acc)).square() + lv)
+                if stats is not None:  # combined per element, as in the kernel, before any sum
+                    term += beta * (stats.w_sum[j] * (yi - stats.m_bar[j]).square() + stats.s2[j] + stats.lv_sum[j])
+                total += term.sum()
     return total
 
 
 def _backward_torch(y, mu, logvar, stats: PathStats | None, others: torch.Tensor | None, others_count: int,
                     alpha: float, beta: float, grad_out: torch.Tensor):
-    n, acc = y.shape[0], _acc_dtype(y)
-    yf, muf, lvf = y.to(acc), mu.to(acc), logvar.to(acc)
-    w = torch.exp(-lvf)
-    dy, dmu, dlv = torch.zeros_like(yf), torch.zeros_like(yf), torch.zeros_like(yf)
-    for p in range(n):
-        sum_diff = torch.zeros_like(yf[p])
-        sum_sq = torch.zeros_like(yf[p])
-        for q in range(n):
-            if q == p:
-                continue
-            dy[p] += 2 * alpha * w[q] * (yf[p] - muf[q])
-            if stats is not None:
-                dy[p] += 2 * beta * stats.w_sum[q] * (yf[p] - stats.m_bar[q])
-            diff = yf[q] - muf[p]
-            sum_diff += diff
-            sum_sq += diff.square()
-        dmu[p] = -2 * alpha * w[p] * sum_diff
-        dlv[p] = alpha * ((n - 1) - w[p] * sum_sq)
-        if stats is not None:
-            centre = others[0, p] - muf[p]
-            dmu[p] += -2 * beta * w[p] * others_count * centre
-            dlv[p] += beta * (others_count - w[p] * (others[1, p] + others_count * centre.square()))
+    """The kernel's elementwise formulas, a row chunk at a time, written straight into the gradients."""
+    n, b, d = y.shape
+    acc = _acc_dtype(y)
     g = grad_out.to(acc)
-    return (g * dy).to(y.dtype), (g * dmu).to(mu.dtype), (g * dlv).to(logvar.dtype)
+    dy, dmu, dlv = torch.empty_like(y), torch.empty_like(mu), torch.empty_like(logvar)
+    for rows in _row_chunks(b, d):
+        yc, muc, wc = y[:, rows].to(acc), mu[:, rows].to(acc), torch.exp(-logvar[:, rows].to(acc))
+        for p in range(n):
+            grad_y = torch.zeros_like(yc[p])
+            sum_diff = torch.zeros_like(yc[p])  # sum over the other paths q of (y_q - mu_p)
+            sum_sq = torch.zeros_like(yc[p])
+            for q in range(n):
+                if q == p:
+                    continue
+                grad_y += 2 * alpha * wc[q] * (yc[p] - muc[q])
+                if stats is not None:
+                    grad_y += 2 * beta * stats.w_sum[q] * (yc[p] - stats.m_bar[q])
+                diff = yc[q] - muc[p]
+                sum_diff += diff
+                sum_sq += diff.square()
+            grad_mu = -2 * alpha * wc[p] * sum_diff
+            grad_lv = alpha * ((n - 1) - wc[p] * sum_sq)
+            if stats is not None:
+                centre = others[0, p] - muc[p]
+                grad_mu -= 2 * beta * others_count * wc[p] * centre
+                grad_lv += beta * (others_count - wc[p] * (others[1, p] + others_count * centre.square()))
+            dy[p, rows] = g * grad_y
+            dmu[p, rows] = g * grad_mu
+            dlv[p, rows] = g * grad_lv
+    return dy, dmu, dlv
 
 
 # ---------------------------------------------------------------------------------------------------
