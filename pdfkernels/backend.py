@@ -13,6 +13,7 @@ import os
 import torch
 
 ENV_VAR = "PDFKERNELS_BACKEND"
+POISON_VAR = "PDFKERNELS_POISON"  # tests set it: kernel outputs start as NaN, so an unwritten element fails
 CHOICES = ("auto", "triton", "torch")
 
 
@@ -34,3 +35,15 @@ def use_triton(t: torch.Tensor) -> bool:
 def interpreting() -> bool:
     """Triton's interpreter runs kernels on the CPU; some dtypes need upcasting there (FACTS.md)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output(like: torch.Tensor, shape: tuple[int, ...] | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An output buffer for a kernel: ``like``'s strides (or ``shape``), NaN-filled when poisoning is on."""
+    if shape is None:
+        out = torch.empty_like(like, dtype=dtype)
+    else:
+        out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if os.environ.get(POISON_VAR) == "1" and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out

@@ -1,22 +1,233 @@
-"""Prefix-augmented attention: N paths of deep prefixes over padded or packed sequences.
+"""Prefix-augmented attention over N paths of deep prefixes, padded or packed, forward and backward.
 
-Semantics are those of ``pdfkernels.reference.prefix_attention``. The fused Triton kernel is tracked
-in the prefix-attention issue; until it lands every device runs the reference, and asking for the
-Triton backend explicitly is an error rather than a silent fallback.
+Semantics are those of ``pdfkernels.reference.prefix_attention``. On CUDA (or with
+``PDFKERNELS_BACKEND=triton``) one launch covers every sequence of every path: a sequence's path id picks
+its prefix, read in place (no concatenation, no ``repeat_kv``, no padded copies); see
+``prefix_attention_kernels`` for the layout. The backward follows FlashAttention-2: recompute from the
+saved log-sum-exp with ``delta = rowsum(dO * O)``; dK/dV per key block (every query head of a GQA group in
+one program), dQ per query block. ``dprefix_k``/``dprefix_v`` are **deterministic**: each query block
+writes its own fp32 partial, and the partials are summed per sequence and then per path (a one-hot
+matmul) in a fixed order. No atomics remain anywhere.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import torch
+import triton
 
 from . import backend, reference
+from .prefix_attention_kernels import (
+    prefix_attention_bwd_dkdv_kernel,
+    prefix_attention_bwd_dq_kernel,
+    prefix_attention_fwd_kernel,
+)
+from .registry import KernelConfig, configs_for, register
 from .validation import check_prefix_attention, check_prefix_attention_varlen
 
+_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+HEAD_DIMS = (64, 80, 96, 128)
+ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
+_KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel)
 
-def _refuse_triton(op: str) -> None:
-    if backend.requested() == "triton":
-        raise NotImplementedError(f"{op}: no Triton kernel yet ({backend.ENV_VAR}=triton was set); "
-                                  f"unset it to run the PyTorch reference")
+
+def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
+    """Tile sizes and launch parameters per kernel, dtype, head_dim and architecture: the one source for
+    launches and for ``python -m pdfkernels.aot`` (each compiles there without spills)."""
+    wide = head_dim > 64
+    if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+    if kernel is prefix_attention_fwd_kernel:
+        if arch >= 90:
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
+    if kernel is prefix_attention_bwd_dq_kernel and arch < 90 and not wide:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
+
+
+def _signature(kernel, t: str) -> dict[str, str]:
+    types = {}
+    params = inspect.signature(kernel.fn).parameters.values()  # JIT and interpreted kernels alike
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name == "path_ptr":
+            types[name] = "*i64"
+        elif name == "cu_ptr":
+            types[name] = "*i32"
+        elif name == "mask_ptr":
+            types[name] = "*u8"
+        elif name in ("lse_ptr", "delta_ptr", "dpk_ptr", "dpv_ptr"):
+            types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = f"*{t}"
+        elif name == "sm_scale":
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+# element strides of q/k/v/out/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At run time
+# Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
+_STRIDES_OF_16 = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_pn",
+                  "stride_ph", "stride_pk", "stride_ob", "stride_ot", "stride_oh")
+
+
+def _register_configs() -> None:
+    """What ships: every kernel for each dtype and head_dim, compiled as the packed causal variant."""
+    for dtype, t in _TL_TYPES.items():
+        for head_dim, kernel, arch in itertools.product(HEAD_DIMS, _KERNELS, ARCHS):
+            tiles = _tiles(kernel, dtype, head_dim, arch)
+            register(KernelConfig(
+                kernel, f"{t} D={head_dim}", arch=arch, signature=_signature(kernel, t),
+                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], CAUSAL=True, VARLEN=True,
+                                HAS_MASK=False, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32"),
+                num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                expect_wgmma=dtype != torch.float32, multiple_of_16=_STRIDES_OF_16))
+
+
+_register_configs()
+
+
+def _arch(device: torch.device) -> int:
+    """Which tuned tiles a device gets: sm_90 tiles for Hopper and newer (and under the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _launch_params(kernel, dtype: torch.dtype, head_dim: int, causal: bool, varlen: bool, has_mask: bool,
+                   arch: int) -> dict:
+    """The registered configuration of this kernel (nearest registered head_dim at or above), specialised."""
+    shipped = min((d for d in HEAD_DIMS if d >= head_dim), default=None)
+    if shipped is None:
+        raise ValueError(f"prefix_attention: head_dim up to {HEAD_DIMS[-1]} is supported, got {head_dim}")
+    (cfg,) = [c for c in configs_for(kernel) if c.variant == f"{_TL_TYPES[dtype]} D={shipped}" and c.arch == arch]
+    return dict(cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
+                VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _check_triton_dtype(op: str, q: torch.Tensor) -> None:
+    if q.dtype not in _TL_TYPES:
+        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {q.dtype} "
+                        f"(float64 runs on the PyTorch path: {backend.ENV_VAR}=torch)")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Layout:
+    """Strides and sizes of one call in the kernels' terms: sequence (batch) stride, token stride, head stride."""
+
+    def __init__(self, q, k, cu_seqlens, mask, varlen: bool):
+        self.varlen = varlen
+        if varlen:
+            self.num_seqs = cu_seqlens.shape[0] - 1
+            self.q_strides = lambda t: (0, t.stride(0), t.stride(1))
+            self.lse_shape = (q.shape[0], q.shape[1])  # [T, H]
+        else:
+            self.num_seqs = q.shape[0]
+            self.q_strides = lambda t: (t.stride(0), t.stride(2), t.stride(1))
+            self.lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, L, H]
+        self.cu = cu_seqlens if varlen else q.new_zeros(1, dtype=torch.int32)  # unread when padded
+        self.mask = mask
+
+    def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+
+def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: bool, scale: float):
+    heads, hkv = q.shape[-2] if layout.varlen else q.shape[1], pk.shape[1]
+    head_dim = q.shape[-1]
+    out = backend.new_output(q)
+    lse = torch.empty(layout.lse_shape, dtype=torch.float32, device=q.device)
+    params = _launch_params(prefix_attention_fwd_kernel, q.dtype, head_dim, causal, layout.varlen,
+                            layout.mask is not None, _arch(q.device))
+    group = heads // hkv
+    grid = (triton.cdiv(max_len * group, params["BLOCK_M"]), layout.num_seqs, hkv)
+    mask = layout.mask if layout.mask is not None else path_ids
+    prefix_attention_fwd_kernel[grid](
+        q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, max_len, group, pk.shape[2], scale,
+        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(out), *layout.lse_strides(lse), layout.mask.stride(0) if layout.mask is not None else 0,
+        **params)
+    return out, lse
+
+
+def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len: int, causal: bool, scale: float,
+              num_paths: int):
+    heads, hkv = q.shape[-2] if layout.varlen else q.shape[1], pk.shape[1]
+    head_dim, num_prefix = q.shape[-1], pk.shape[2]
+    group = heads // hkv
+    delta = (do.float() * out.float()).sum(-1)  # [T, H] or [B, H, L]
+    delta = delta if layout.varlen else delta.transpose(1, 2)
+    delta = delta.contiguous()
+    dq, dk, dv = backend.new_output(q), backend.new_output(k), backend.new_output(v)
+    mask = layout.mask if layout.mask is not None else path_ids
+    mask_stride = layout.mask.stride(0) if layout.mask is not None else 0
+    has_mask = layout.mask is not None
+
+    arch = _arch(q.device)
+    p = _launch_params(prefix_attention_bwd_dkdv_kernel, q.dtype, head_dim, causal, layout.varlen, has_mask, arch)
+    grid = (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv)
+    prefix_attention_bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, layout.cu, mask, dk, dv, max_len, group, scale,
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(do), *layout.lse_strides(lse), mask_stride,
+        **p)
+
+    p = _launch_params(prefix_attention_bwd_dq_kernel, q.dtype, head_dim, causal, layout.varlen, has_mask, arch)
+    row_blocks = triton.cdiv(max_len * group, p["BLOCK_M"])
+    slots = layout.num_seqs * hkv * row_blocks
+    dpk_part = backend.new_output(q, (slots, num_prefix, p["BLOCK_D"]), torch.float32)
+    dpv_part = backend.new_output(q, (slots, num_prefix, p["BLOCK_D"]), torch.float32)
+    prefix_attention_bwd_dq_kernel[(row_blocks, layout.num_seqs, hkv)](
+        q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq, dpk_part, dpv_part,
+        max_len, group, num_prefix, scale,
+        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(do), *layout.lse_strides(lse), mask_stride, **p)
+
+    # per sequence (fixed order over query blocks), then per path with a one-hot matmul: deterministic
+    # (a masked sum rather than a matmul, so that no TF32 setting can round it)
+    one_hot = torch.nn.functional.one_hot(path_ids, num_paths).T.float()[:, :, None]  # [N, S, 1]
+    per_path = []
+    for part in (dpk_part, dpv_part):
+        per_seq = part.view(layout.num_seqs, hkv, row_blocks, num_prefix, p["BLOCK_D"]).sum(2).flatten(1)
+        summed = (one_hot * per_seq[None]).sum(1).view(num_paths, hkv, num_prefix, p["BLOCK_D"])
+        per_path.append(summed[..., :head_dim].to(pk.dtype))
+    dpk, dpv = per_path
+    return dq, dk, dv, dpk, dpv
+
+
+class _PrefixAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pk, pv, path_ids, cu_seqlens, mask, max_len: int, causal: bool, scale: float,
+                varlen: bool):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        pk, pv = pk.contiguous(), pv.contiguous()
+        path_ids = path_ids.to(torch.int64).contiguous()
+        mask = mask.contiguous().view(torch.uint8) if mask is not None else None
+        layout = _Layout(q, k, cu_seqlens, mask, varlen)
+        out, lse = _forward(q, k, v, pk, pv, path_ids, layout, max_len, causal, scale)
+        ctx.save_for_backward(q, k, v, pk, pv, path_ids, out, lse)
+        ctx.layout, ctx.max_len, ctx.causal, ctx.scale = layout, max_len, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, pk, pv, path_ids, out, lse = ctx.saved_tensors
+        do = _last_dim_contiguous(do)
+        grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal, ctx.scale,
+                          pk.shape[0])
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
@@ -25,22 +236,30 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
                      softmax_scale: float | None = None) -> torch.Tensor:
     """Attention over ``[prefix of path_ids[b]; own keys]`` for padded rows. Shapes: q ``[B, H, L, D]``,
     k, v ``[B, Hkv, L, D]``, prefix_k, prefix_v ``[N, Hkv, K, D]``, path_ids ``[B]``, key_padding_mask
-    ``[B, L]`` bool (True = real token). Returns q's shape and dtype."""
+    ``[B, L]`` bool (True = real token, left or right padding). Returns q's shape and dtype; when q is the
+    ``[B, H, L, D]`` transpose of a ``[B, L, H, D]`` buffer (as Hugging Face passes it), so is the output,
+    and transposing it back is free. Differentiable in q, k, v, prefix_k and prefix_v."""
     scale = check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
                                    softmax_scale)
-    _refuse_triton("prefix_attention")
-    return reference.prefix_attention(q, k, v, prefix_k, prefix_v, path_ids,
-                                      key_padding_mask=key_padding_mask, causal=causal, softmax_scale=scale)
+    if not backend.use_triton(q):
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, path_ids,
+                                          key_padding_mask=key_padding_mask, causal=causal, softmax_scale=scale)
+    _check_triton_dtype("prefix_attention", q)
+    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2],
+                                  causal, scale, False)
 
 
 def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                             prefix_v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                             path_ids: torch.Tensor, *, causal: bool = True,
                             softmax_scale: float | None = None) -> torch.Tensor:
-    """Packed sequences: q ``[T, H, D]``, k, v ``[T, Hkv, D]``, cu_seqlens int32 ``[S+1]``,
-    path_ids ``[S]``. Returns ``[T, H, D]`` in q's dtype."""
+    """Packed sequences: q ``[T, H, D]``, k, v ``[T, Hkv, D]``, cu_seqlens int32 ``[S+1]``, path_ids ``[S]``.
+    Returns ``[T, H, D]`` in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v."""
     scale = check_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
                                           causal, softmax_scale)
-    _refuse_triton("prefix_attention_varlen")
-    return reference.prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
-                                             causal=causal, softmax_scale=scale)
+    if not backend.use_triton(q):
+        return reference.prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
+                                                 causal=causal, softmax_scale=scale)
+    _check_triton_dtype("prefix_attention_varlen", q)
+    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, cu_seqlens, None, max(max_seqlen, 1),
+                                  causal, scale, True)

@@ -21,10 +21,15 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     expect_wgmma: bool = False  # sm_90 code must use wgmma (tensor-core dots on 16-bit inputs)
+    # integer arguments the launcher guarantees to be multiples of 16 (Triton specialises on this at run
+    # time, so the ahead-of-time compile must assume it too to see the same code)
+    multiple_of_16: tuple[str, ...] = ()
+    arch: int | None = None  # the compute capability this config is tuned for (80, 90); None: every arch
 
     @property
     def name(self) -> str:
-        return f"{self.kernel.fn.__name__}[{self.variant}]"
+        arch = "" if self.arch is None else f" sm_{self.arch}"
+        return f"{self.kernel.fn.__name__}[{self.variant}{arch}]"
 
 
 KERNEL_CONFIGS: list[KernelConfig] = []

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import pdfkernels
 from pdfkernels import backend
 
 
@@ -24,12 +23,3 @@ def test_bad_env_value_is_refused(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="PDFKERNELS_BACKEND expected one of"):
         backend.use_triton(torch.zeros(1))
-
-
-def test_triton_request_without_kernel_is_an_error_not_a_fallback(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
-    q = torch.randn(1, 2, 3, 4)
-    kv = torch.randn(1, 1, 3, 4)
-    prefix = torch.randn(1, 1, 2, 4)
-    with pytest.raises(NotImplementedError, match="no Triton kernel yet"):
-        pdfkernels.prefix_attention(q, kv, kv, prefix, prefix, torch.tensor([0]))
