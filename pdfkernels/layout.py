@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """int32 offsets ``[S+1]`` from sequence lengths."""
+def cu_seqlens_from_lengths(lengths: list[int] | torch.Tensor,
+                            device: torch.device | str | None = None) -> torch.Tensor:
+    """int32 offsets ``[S+1]`` from sequence lengths (on ``device``, default torch's default device)."""
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 

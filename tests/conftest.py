@@ -1,19 +1,22 @@
-"""Test set-up. The interpreter flag must be set before any Triton kernel module is imported."""
+"""Test set-up. Without CUDA, Triton kernels run under the interpreter, which must be switched on before any
+kernel module is imported; with CUDA they run compiled, on CUDA tensors (``kernel_device``)."""
 
 import os
+import random
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("PDFKERNELS_POISON", "1")  # kernel outputs start as NaN: unwritten elements fail
 
-import random  # noqa: E402
-
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
@@ -28,3 +31,14 @@ def fresh_seed():
     torch.manual_seed(seed)
     print(f"PDFKERNELS_TEST_SEED={seed}")
     return seed
+
+
+@pytest.fixture
+def kernel_device():
+    """Where kernel tests make their tensors: CUDA when present (compiled kernels), else the CPU
+    (interpreter). Set as torch's default device for the test."""
+    device = torch.device("cuda" if CUDA else "cpu")
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(previous)

@@ -6,6 +6,11 @@ import torch
 import pdfkernels
 from pdfkernels import backend, reference
 
+
+@pytest.fixture(autouse=True)
+def on_kernel_device(kernel_device):
+    return kernel_device
+
 SHAPES = [(2, 2, 1), (2, 5, 7), (3, 64, 64), (4, 257, 7), (2, 64, 1536), (3, 257, 64), (4, 5, 1536), (3, 2, 1536)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -29,6 +29,9 @@ def _worker(rank: int, world: int, init_file: str, inputs, use_triton: bool, res
 
 @pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
 def test_two_ranks_equal_union_batch(use_triton, monkeypatch):
+    """gloo on CPU tensors: the Triton variant runs the kernels under the interpreter."""
+    if use_triton and not backend.interpreting():
+        pytest.skip("with CUDA present the interpreter is off, and gloo's CPU tensors cannot reach the kernels")
     n, d = 3, 10
     b = sum(SPLIT)
     inputs = [torch.randn(n, b, d), torch.randn(n, b, d), torch.rand(n, b, d) * 2 - 1]

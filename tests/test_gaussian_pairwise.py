@@ -6,6 +6,11 @@ import torch
 import pdfkernels
 from pdfkernels import backend, reference
 
+
+@pytest.fixture(autouse=True)
+def on_kernel_device(kernel_device):
+    return kernel_device
+
 CASES = [((2, 1), torch.float32), ((5, 7), torch.float32), ((64, 64), torch.float32), ((70, 100), torch.float32),
          ((257, 7), torch.float32), ((33, 1536), torch.float32), ((5, 7), torch.bfloat16), ((70, 64), torch.bfloat16),
          ((5, 7), torch.float16), ((70, 64), torch.float16)]

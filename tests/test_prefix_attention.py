@@ -13,8 +13,9 @@ from pdfkernels.layout import cu_seqlens_from_lengths, packed_to_padded, padded_
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(monkeypatch):
+def triton_backend(monkeypatch, kernel_device):
     monkeypatch.setenv(backend.ENV_VAR, "triton")
+    return kernel_device
 
 
 def _tol(dtype: torch.dtype) -> float:
