@@ -1,5 +1,10 @@
-"""Model-side modules for PDF: the vCLUB estimator (the Hugging Face wrappers land with the model issue)."""
+"""Model-side PDF: deep prefixes patched into Hugging Face Qwen2-VL and LLaVA(-Next), path control, the
+aggregator and the vCLUB estimator, and saving/loading the PDF weights."""
 
+from .aggregator import Aggregator
+from .checkpoint import load_pdf, save_pdf
+from .patch import SUPPORTED, apply_pdf, encode, last_token, mark_pdf_trainable, pdf_parameters, use_paths
 from .vclub import VCLUB
 
-__all__ = ["VCLUB"]
+__all__ = ["SUPPORTED", "Aggregator", "VCLUB", "apply_pdf", "encode", "last_token", "load_pdf",
+           "mark_pdf_trainable", "pdf_parameters", "save_pdf", "use_paths"]

@@ -1,0 +1,70 @@
+"""Save and load the PDF weights (prefix, aggregator, estimator) with N, K and the model type, in one
+safetensors file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .patch import _hf_model, _text_geometry
+
+
+def _describe(model: nn.Module) -> dict:
+    hf = _hf_model(model)
+    layers, kv_heads, head_dim = _text_geometry(hf)
+    return {"model_type": type(hf).__name__, "num_paths": hf.pdf_num_paths, "prefix_len": hf.pdf_prefix_len,
+            "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
+             estimator: nn.Module | None = None) -> None:
+    """Write ``prefix`` and the aggregator's/estimator's weights to ``path`` atomically (temporary file, rename)."""
+    hf = _hf_model(model)
+    tensors = {"prefix": hf.pdf_prefix.detach().contiguous().cpu()}
+    for name, module in (("aggregator", aggregator), ("estimator", estimator)):
+        if module is not None:
+            tensors.update({f"{name}.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
+    meta = {"pdf": json.dumps(_describe(model))}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
+             estimator: nn.Module | None = None) -> dict:
+    """Load what ``save_pdf`` wrote into a patched model (and the given modules); returns the stored description.
+    A model of another type or shape (N, K, layers, KV heads, head_dim) is refused with a clear error."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads((f.metadata() or {}).get("pdf", "{}"))
+    if not stored:
+        raise ValueError(f"load_pdf: {path} holds no PDF description (not written by save_pdf)")
+    expected = _describe(model)
+    mismatched = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"load_pdf: {path} does not fit this model ({details})")
+    tensors = load_file(str(path))
+    hf = _hf_model(model)
+    with torch.no_grad():
+        hf.pdf_prefix.copy_(tensors["prefix"].to(hf.pdf_prefix.dtype))
+    for name, module in (("aggregator", aggregator), ("estimator", estimator)):
+        if module is None:
+            continue
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if not state:
+            raise ValueError(f"load_pdf: {path} holds no {name} weights")
+        module.load_state_dict(state)
+    return stored

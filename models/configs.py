@@ -1,0 +1,51 @@
+"""Model configurations built locally (no hub): tiny ones for tests and CPU demos, real ones for speed work."""
+
+from __future__ import annotations
+
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    MistralConfig,
+    Qwen2VLConfig,
+)
+
+IMAGE_TOKEN_ID = 5  # tiny models: the image placeholder token id
+
+
+def tiny_qwen2vl(vocab_size: int = 128) -> Qwen2VLConfig:
+    """Qwen2-VL architecture, 2 text layers of width 64 (4 heads / 2 KV heads), a 1-block vision tower."""
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
+                         tie_word_embeddings=True),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1, vision_start_token_id=IMAGE_TOKEN_ID + 2,
+        vision_end_token_id=IMAGE_TOKEN_ID + 3)
+
+
+def _tiny_text(kind: str, vocab_size: int):
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return MistralConfig(**common, sliding_window=256) if kind == "mistral" else LlamaConfig(**common)
+
+
+def _tiny_clip() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=16, patch_size=4, projection_dim=32)
+
+
+def tiny_llava_next(text: str = "mistral", vocab_size: int = 128) -> LlavaNextConfig:
+    """LLaVA-NeXT (AnyRes) with a tiny Mistral or Llama language model and a tiny CLIP vision tower."""
+    return LlavaNextConfig(vision_config=_tiny_clip(), text_config=_tiny_text(text, vocab_size),
+                           image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=[[16, 16], [16, 32], [32, 16]],
+                           vision_feature_layer=-1)
+
+
+def tiny_llava(vocab_size: int = 128) -> LlavaConfig:
+    """LLaVA-1.5 style with a tiny Llama language model and a tiny CLIP vision tower."""
+    return LlavaConfig(vision_config=_tiny_clip(), text_config=_tiny_text("llama", vocab_size),
+                       image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1)

@@ -1,0 +1,64 @@
+"""Tiny random models of every supported type with a padded batch that mixes image and text-only rows."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
+from models.configs import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2vl
+
+KINDS = ["qwen2vl", "llava-next-mistral", "llava-next-llama", "llava"]
+PAD = 0
+
+
+def build_model(kind: str) -> torch.nn.Module:
+    if kind == "qwen2vl":
+        model = Qwen2VLForConditionalGeneration(tiny_qwen2vl())
+    elif kind.startswith("llava-next"):
+        model = LlavaNextForConditionalGeneration(tiny_llava_next(kind.rsplit("-", 1)[1]))
+    elif kind == "llava":
+        model = LlavaForConditionalGeneration(tiny_llava())
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def _image_block(kind: str, model) -> list[int]:
+    if kind == "qwen2vl":
+        cfg = model.config
+        return [cfg.vision_start_token_id] + [IMAGE_TOKEN_ID] * 4 + [cfg.vision_end_token_id]
+    return [IMAGE_TOKEN_ID] * (52 if kind.startswith("llava-next") else 16)
+
+
+def build_inputs(kind: str, model, padding: str = "left", batch: int = 3) -> dict:
+    """Rows alternate image+text and text-only, with different lengths, padded on ``padding``."""
+    rows, images = [], 0
+    for b in range(batch):
+        text = torch.randint(10, 100, (3 + 2 * b,)).tolist()
+        if b % 2 == 0:
+            rows.append(text[:2] + _image_block(kind, model) + text[2:])
+            images += 1
+        else:
+            rows.append(text)
+    length = max(len(r) for r in rows)
+    ids = torch.full((batch, length), PAD, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding == "left" else slice(0, len(row))
+        ids[b, span] = torch.tensor(row)
+        mask[b, span] = 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if kind == "qwen2vl":
+        inputs["pixel_values"] = torch.randn(images * 16, 3 * 2 * 4 * 4)
+        inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * images)
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN_ID).long()
+    elif kind.startswith("llava-next"):
+        inputs["pixel_values"] = torch.randn(images, 3, 3, 16, 16)
+        inputs["image_sizes"] = torch.tensor([[16, 32]] * images)
+    else:
+        inputs["pixel_values"] = torch.randn(images, 3, 16, 16)
+    return inputs

@@ -1,0 +1,46 @@
+"""save_pdf / load_pdf: one safetensors file, round trip, and refusal of a model of another shape."""
+
+import pytest
+import torch
+
+import models
+from tests.models.builders import build_model
+
+
+def _patched(kind="qwen2vl", num_paths=2, prefix_len=3, seed=0):
+    return models.apply_pdf(build_model(kind), num_paths=num_paths, prefix_len=prefix_len, seed=seed)
+
+
+def test_round_trip_restores_prefix_aggregator_and_estimator(tmp_path):
+    source = _patched(seed=1)
+    aggregator, estimator = models.Aggregator(64, 2), models.VCLUB(64)
+    path = tmp_path / "pdf.safetensors"
+    models.save_pdf(path, source, aggregator, estimator)
+
+    target = _patched(seed=2)
+    aggregator2, estimator2 = models.Aggregator(64, 2), models.VCLUB(64)
+    assert not torch.equal(target.pdf_prefix, source.pdf_prefix)
+    stored = models.load_pdf(path, target, aggregator2, estimator2)
+    assert stored["num_paths"] == 2 and stored["prefix_len"] == 3
+    assert stored["model_type"] == "Qwen2VLForConditionalGeneration"
+    assert torch.equal(target.pdf_prefix, source.pdf_prefix)
+    for a, b in zip(aggregator.state_dict().values(), aggregator2.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(estimator.state_dict().values(), estimator2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["pdf.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("other", [dict(num_paths=3), dict(prefix_len=4), dict(kind="llava")])
+def test_loading_into_another_shape_is_refused(tmp_path, other):
+    path = tmp_path / "pdf.safetensors"
+    models.save_pdf(path, _patched())
+    with pytest.raises(ValueError, match="does not fit this model"):
+        models.load_pdf(path, _patched(**other))
+
+
+def test_missing_module_weights_are_refused(tmp_path):
+    path = tmp_path / "pdf.safetensors"
+    models.save_pdf(path, _patched())
+    with pytest.raises(ValueError, match="holds no aggregator weights"):
+        models.load_pdf(path, _patched(), aggregator=models.Aggregator(64, 2))

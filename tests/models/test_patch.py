@@ -1,0 +1,185 @@
+"""apply_pdf / use_paths / encode on tiny random models of every supported type (CPU, fp32)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import models
+from models.patch import last_token, vision_tower
+from pdfkernels import backend
+from tests.models.builders import KINDS, build_inputs, build_model
+
+REFERENCE = {}  # what the independent reference attention reads: the prefix tensor and the path
+
+
+def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The unpatched model's attention with prefix p's K/V concatenated in front, visible to every query."""
+    b, h, length, d = query.shape
+    prefix = REFERENCE["prefix"][module.layer_idx, REFERENCE["path"]]  # [2, Hkv, K, D]
+    num_prefix = prefix.shape[2]
+    keys = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2).repeat_interleave(h // key.shape[1], dim=1)
+    values = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2).repeat_interleave(h // key.shape[1], dim=1)
+    own = attention_mask if attention_mask is not None else torch.ones(length, length, dtype=torch.bool).tril()
+    own = own.expand(b, 1, length, length)
+    visible = torch.cat([torch.ones(b, 1, length, num_prefix, dtype=torch.bool), own], dim=-1)
+    scores = (query @ keys.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (probs @ values).transpose(1, 2), None
+
+
+AttentionInterface.register("pdf_test_reference", _reference_attention)
+AttentionMaskInterface.register("pdf_test_reference", sdpa_mask)
+
+
+def _pooled_unpatched(model, inputs):
+    with torch.no_grad():
+        hidden = models.patch._inner(model)(**inputs, use_cache=False).last_hidden_state
+    return last_token(hidden, inputs["attention_mask"])
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_no_prefix_equals_unpatched(kind, padding):
+    model = build_model(kind)
+    inputs = build_inputs(kind, model, padding)
+    expected = _pooled_unpatched(model, inputs)
+    models.apply_pdf(model, num_paths=2, prefix_len=4)
+    with torch.no_grad():
+        got = models.encode(model, inputs, None)
+    assert got.shape == (1, *expected.shape)
+    assert _rel(got[0], expected) <= 1e-6
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_single_path_equals_concatenated_prefix_reference(kind, padding):
+    model = build_model(kind)
+    inputs = build_inputs(kind, model, padding)
+    reference_model = copy.deepcopy(model)
+    models.apply_pdf(model, num_paths=3, prefix_len=5)
+    reference_model.set_attn_implementation({"text_config": "pdf_test_reference"})
+    REFERENCE["prefix"] = model.pdf_prefix.detach()
+    for path in range(3):
+        REFERENCE["path"] = path
+        expected = _pooled_unpatched(reference_model, inputs)
+        with torch.no_grad():
+            got = models.encode(model, inputs, path)[0]
+        assert _rel(got, expected) <= 1e-5, f"path {path}"
+
+
+def test_k_paths_in_one_call_equal_single_calls_and_run_vision_once(kind):
+    model = models.apply_pdf(build_model(kind), num_paths=3, prefix_len=4)
+    inputs = build_inputs(kind, model, "left")
+    calls = []
+    vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        together = models.encode(model, inputs, [2, 0, 1])
+        assert len(calls) == 1, "the vision tower must run once for all paths"
+        singles = [models.encode(model, inputs, p)[0] for p in (2, 0, 1)]
+    assert together.shape[0] == 3
+    for got, expected in zip(together, singles):
+        assert _rel(got, expected) <= 1e-5
+    assert _rel(together[0], together[1]) > 1e-3, "different prefixes must give different embeddings"
+
+
+def test_vlm2vec_calling_pattern_gives_single_prefix_embedding(kind):
+    """VLM2Vec calls the full model with output_hidden_states=True and pools the last token (left padding)."""
+    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
+    inputs = build_inputs(kind, model, "left")
+    with models.use_paths(model, 0), torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)  # unchanged VLM2Vec code
+        reps = out.hidden_states[-1][:, -1, :]
+    with torch.no_grad():
+        expected = models.encode(model, inputs, 0)[0]
+    assert _rel(reps, expected) <= 1e-6
+
+
+def test_gradients_reach_prefix_lora_and_aggregator(kind):
+    peft = pytest.importorskip("peft")
+    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+                             use_dora=True)
+    model = peft.get_peft_model(model, config)
+    models.mark_pdf_trainable(model)  # peft froze everything but its adapters
+    model.train()
+    inputs = build_inputs(kind, model, "right")
+    embeddings = models.encode(model, inputs, [0, 1])
+    aggregator = models.Aggregator(embeddings.shape[-1], 2)
+    aggregator(embeddings).square().sum().backward()
+    prefix = models.pdf_parameters(model)[0]
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is not None for p in lora)
+    assert any(p.grad.abs().sum() > 0 for p in lora)
+    assert all(p.grad is not None for p in aggregator.parameters())
+
+
+def test_peft_before_patch_works():
+    peft = pytest.importorskip("peft")
+    base = build_model("qwen2vl")
+    inputs = build_inputs("qwen2vl", base, "left")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    models.apply_pdf(model, num_paths=2, prefix_len=3)
+    assert models.pdf_parameters(model)[0].requires_grad
+    model.train()
+    models.encode(model, inputs, 1).sum().backward()
+    assert models.pdf_parameters(model)[0].grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+        inputs = build_inputs("qwen2vl", model, "left")
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        models.encode(model, inputs, [0, 1]).square().sum().backward()
+        grads.append(models.pdf_parameters(model)[0].grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_triton_backend_matches_torch_path(kind, monkeypatch):
+    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
+    inputs = build_inputs(kind, model, "left")
+    with torch.no_grad():
+        expected = models.encode(model, inputs, [0, 1])
+        monkeypatch.setenv(backend.ENV_VAR, "triton")
+        got = models.encode(model, inputs, [0, 1])
+    assert _rel(got, expected) <= 1e-4
+
+
+def test_unsupported_model_is_refused_with_the_list():
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(TypeError, match="LlamaForCausalLM is not supported; supported: Qwen2VLForConditional"):
+        models.apply_pdf(LlamaForCausalLM(config))
+
+
+@pytest.mark.parametrize("paths", [2, [0, 5], [], "0"])
+def test_bad_paths_are_refused(paths):
+    model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+    with pytest.raises(ValueError, match="argument 'paths' expected"):
+        models.encode(model, build_inputs("qwen2vl", model), paths)
+
+
+def test_prefix_parameter_shape_dtype_and_distinct_paths():
+    model = build_model("llava-next-mistral").to(torch.float64)
+    models.apply_pdf(model, num_paths=3, prefix_len=7)
+    cfg = model.config.text_config
+    assert model.pdf_prefix.shape == (cfg.num_hidden_layers, 3, 2, cfg.num_key_value_heads, 7,
+                                      cfg.hidden_size // cfg.num_attention_heads)
+    assert model.pdf_prefix.dtype == torch.float64
+    assert not torch.equal(model.pdf_prefix[:, 0], model.pdf_prefix[:, 1])
+    assert model.config.vision_config._attn_implementation != "pdf_prefix"
