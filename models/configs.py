@@ -49,3 +49,52 @@ def tiny_llava(vocab_size: int = 128) -> LlavaConfig:
     """LLaVA-1.5 style with a tiny Llama language model and a tiny CLIP vision tower."""
     return LlavaConfig(vision_config=_tiny_clip(), text_config=_tiny_text("llama", vocab_size),
                        image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1)
+
+
+def qwen2vl_2b() -> Qwen2VLConfig:
+    """The Qwen2-VL-2B architecture (2,208,985,600 parameters), for speed work with random weights."""
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+                         tie_word_embeddings=True, rms_norm_eps=1e-6),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        tie_word_embeddings=True)
+
+
+def qwen2vl_7b() -> Qwen2VLConfig:
+    """The Qwen2-VL-7B architecture, for speed work with random weights."""
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
+                         tie_word_embeddings=False, rms_norm_eps=1e-6),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        tie_word_embeddings=False)
+
+
+def llava_next_7b() -> LlavaNextConfig:
+    """LLaVA-1.6-Mistral-7B: CLIP ViT-L/14-336 with AnyRes and a Mistral-7B language model."""
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    text = MistralConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                         sliding_window=None, rope_theta=1e6)
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                           image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                           vision_feature_layer=-2)
+
+
+def small_qwen2vl() -> Qwen2VLConfig:
+    """A small Qwen2-VL (4 layers of width 256, head_dim 64) for CPU timing of the model-level overheads."""
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 12, 12]),
+                         tie_word_embeddings=True),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1, vision_start_token_id=IMAGE_TOKEN_ID + 2,
+        vision_end_token_id=IMAGE_TOKEN_ID + 3)

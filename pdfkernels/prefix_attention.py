@@ -19,6 +19,7 @@ import torch
 import triton
 
 from . import backend, reference
+from .baselines import cat_sdpa_prefix_attention
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dq_kernel,
@@ -230,6 +231,20 @@ class _PrefixAttention(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+def _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal: bool, scale: float):
+    """The PyTorch path (CPU default): SDPA on the concatenated keys with an explicit mask, computed in fp32
+    for 16-bit inputs as the reference is; plain causal SDPA when there is neither prefix nor padding."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v, prefix_k, prefix_v = (t.float() for t in (q, k, v, prefix_k, prefix_v))
+    if prefix_k.shape[2] == 0 and key_padding_mask is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                               enable_gqa=q.shape[1] != k.shape[1])
+    else:
+        out = cat_sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
+    return out.to(dtype)
+
+
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                      prefix_v: torch.Tensor, path_ids: torch.Tensor, *,
                      key_padding_mask: torch.Tensor | None = None, causal: bool = True,
@@ -242,8 +257,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     scale = check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
                                    softmax_scale)
     if not backend.use_triton(q):
-        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, path_ids,
-                                          key_padding_mask=key_padding_mask, causal=causal, softmax_scale=scale)
+        return _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
     _check_triton_dtype("prefix_attention", q)
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2],
                                   causal, scale, False)

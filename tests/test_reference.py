@@ -160,3 +160,21 @@ def test_gaussian_references_return_input_dtype(dtype):
     assert reference.gaussian_loglik_pairwise(y[0], mu[0], logvar[0]).dtype == dtype
     assert reference.mim_loss(y, mu, logvar).dtype == dtype
     assert reference.estimator_nll(y, mu, logvar).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding,k", [("none", 0), ("left", 0), ("right", 3), ("left", 4)])
+def test_public_torch_path_equals_reference(padding, k, dtype, monkeypatch):
+    """The public op's PyTorch path (SDPA on concatenated keys) against the literal reference, with left
+    padding and K = 0 giving queries that see no key at all (they must return zeros)."""
+    import pdfkernels
+    from pdfkernels import backend
+
+    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    q, key, val, pk, pv, paths = (t.to(dtype) if t.is_floating_point() else t
+                                  for t in _attention_inputs(3, 6, 2, 11, 16, 2, k))
+    mask = _padding_mask(3, 11, padding)
+    ours = pdfkernels.prefix_attention(q, key, val, pk, pv, paths, key_padding_mask=mask)
+    ref = reference.prefix_attention(q, key, val, pk, pv, paths, key_padding_mask=mask)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,108 @@
+"""Model-level cost of PDF: unpatched forward against no prefix, one prefix and two paths in one call.
+
+    pytest bench/test_models.py --benchmark-only
+
+Every variant pools the last token from the multimodal model without the LM head (as ``models.encode``
+does). GPU: the Qwen2-VL-2B architecture with random bf16 weights and one 1344x1344 image (2304 visual
+tokens), and LLaVA-1.6-Mistral-7B with one 672x672 image. CPU: a small Qwen2-VL (``small_qwen2vl``) with one
+224x224 image in fp32, labelled cpu. Compare the medians of one run: single prefix / unpatched (the paper
+counts +0.06% FLOPs), two paths / unpatched (1.32x FLOPs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+import models
+from models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TEXT_TOKENS = 10
+
+
+def _qwen2vl_case():
+    config = qwen2vl_2b() if CUDA else small_qwen2vl()
+    side = 1344 if CUDA else 224
+    grid = side // config.vision_config.patch_size  # patches per side
+    with torch.device(DEVICE):
+        model = Qwen2VLForConditionalGeneration(config).to(DTYPE).eval()
+    merged = grid * grid // config.vision_config.spatial_merge_size ** 2
+    ids = [11] * 3 + [config.vision_start_token_id] + [config.image_token_id] * merged + [config.vision_end_token_id]
+    ids += [12] * (TEXT_TOKENS - 3)
+    input_ids = torch.tensor([ids], device=DEVICE)
+    patch_dim = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size ** 2
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "pixel_values": torch.randn(grid * grid, patch_dim, device=DEVICE, dtype=DTYPE),
+              "image_grid_thw": torch.tensor([[1, grid, grid]], device=DEVICE),
+              "mm_token_type_ids": (input_ids == config.image_token_id).long()}
+    return model, inputs
+
+
+def _llava_next_case():
+    config = llava_next_7b()
+    with torch.device(DEVICE):
+        model = LlavaNextForConditionalGeneration(config).to(DTYPE).eval()
+    pixel_values = torch.randn(1, 5, 3, 336, 336, device=DEVICE, dtype=DTYPE)  # base + 2x2 tiles of 672x672
+    sizes = torch.tensor([[672, 672]], device=DEVICE)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes).pooler_output
+    count = features[0].shape[0]
+    ids = [11] * 3 + [config.image_token_index] * count + [12] * (TEXT_TOKENS - 3)
+    input_ids = torch.tensor([ids], device=DEVICE)
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values,
+                   "image_sizes": sizes}
+
+
+ARCHS = {"qwen2vl-2b" if CUDA else "qwen2vl-small-cpu": _qwen2vl_case}
+if CUDA:
+    ARCHS["llava-next-7b"] = _llava_next_case
+VARIANTS = ["unpatched", "no-prefix", "single-prefix", "two-paths"]
+_CACHE: dict = {}
+
+
+def _case(arch: str):
+    if arch not in _CACHE:
+        _CACHE.clear()
+        if CUDA:
+            torch.cuda.empty_cache()
+        unpatched, inputs = ARCHS[arch]()
+        _CACHE[arch] = (unpatched, inputs)
+    return _CACHE[arch]
+
+
+def _forward(arch: str, variant: str):
+    model, inputs = _case(arch)
+    if variant == "unpatched":
+        if hasattr(model, "pdf_prefix"):
+            raise RuntimeError("unpatched must run before the patch")
+
+        def run():
+            hidden = models.patch._inner(model)(**inputs, use_cache=False).last_hidden_state
+            return models.last_token(hidden, inputs["attention_mask"])
+        return run
+    if not hasattr(model, "pdf_prefix"):
+        models.apply_pdf(model, num_paths=2, prefix_len=20)
+    paths = {"no-prefix": None, "single-prefix": 0, "two-paths": [0, 1]}[variant]
+    return lambda: models.encode(model, inputs, paths)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)  # in this order: unpatched first, then the patched model
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_model_forward(benchmark, arch, variant):
+    run = _forward(arch, variant)
+
+    def timed():
+        with torch.no_grad():
+            run()
+        if CUDA:
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        timed()
+    benchmark.pedantic(timed, rounds=10 if CUDA else 5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE),
+                                 "arch": arch, "variant": variant})
