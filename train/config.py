@@ -1,0 +1,113 @@
+"""The trainer's configuration: the paper's defaults, overridable from a YAML/JSON file and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# VLM2Vec's LoRA/DoRA targets; in Hugging Face Qwen2-VL they match the text model's q/k/v/o/down_proj only.
+VLM2VEC_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
+MODEL_PRESETS = ("tiny", "qwen2vl-2b", "qwen2vl-7b")
+
+
+@dataclass
+class TrainConfig:
+    # PDF (paper §4.1)
+    num_paths: int = 2
+    prefix_len: int = 20
+    lambda_mim: float = 1e-4
+    lambda_con: float = 1.0
+    temperature: float = 0.02
+    # Table 3 switches and the controlled baseline
+    baseline: bool = False  # plain VLM2Vec: no prefix, no MIM, one path
+    prefix_only: bool = False  # R2: one prefix path, no parallel paths, no MIM
+    no_mim: bool = False  # R3: parallel paths without MIM
+    no_path_loss: bool = False  # R4: without the per-path (sub) loss
+    # model
+    model: str = "tiny"  # a preset in MODEL_PRESETS or a local directory (from_pretrained, offline)
+    lora_r: int | None = None  # DoRA rank on VLM2VEC_TARGETS; 0 trains every weight; None: 8, or 0 for "tiny"
+    gradient_checkpointing: bool = False
+    # optimisation
+    lr: float = 2e-5
+    estimator_lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # as VLM2Vec's Hugging Face Trainer; 0 disables clipping
+    steps: int = 2000
+    warmup_steps: int = 100
+    global_batch: int = 1024
+    chunk_size: int = 64  # GradCache chunk (rows per forward); the global batch does not depend on it
+    seed: int = 0
+    # data
+    train_data: list[str] = field(default_factory=list)  # jsonl/parquet files; one subset per file
+    subset_weights: list[float] = field(default_factory=list)  # per-subset sampling weights (default uniform)
+    eval_data: list[str] = field(default_factory=list)
+    image_dir: str = ""
+    bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
+    max_text_tokens: int = 64
+    # output
+    out_dir: str = "runs/pdf"
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int = 0  # end this invocation after so many steps (checkpoint written); 0: run to the end
+    evaluate: bool = True
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.baseline:
+            self.num_paths, self.prefix_len, self.lambda_mim = 1, 0, 0.0
+        if self.prefix_only:
+            self.num_paths, self.lambda_mim = 1, 0.0
+        if self.no_mim:
+            self.lambda_mim = 0.0
+        if self.no_path_loss:
+            self.lambda_con = 0.0
+        for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+        if self.lora_r is None:
+            self.lora_r = 0 if self.model == "tiny" else 8  # no pretrained backbone: train every weight
+        if self.bad_images not in ("skip", "error"):
+            raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
+        if self.subset_weights and len(self.subset_weights) != len(self.train_data):
+            raise ValueError(f"config: 'subset_weights' expected one weight per train_data file "
+                             f"({len(self.train_data)}), got {len(self.subset_weights)}")
+
+    @property
+    def uses_mim(self) -> bool:
+        return self.num_paths > 1 and self.lambda_mim > 0
+
+
+def _load_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """``--config FILE`` (YAML or JSON) first, then ``--name value`` flags for any field."""
+    parser = argparse.ArgumentParser(description="PDF training (paper defaults; see train/config.py)")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type.startswith("list"):
+            parser.add_argument(flag, nargs="*", default=None, type=float if "float" in f.type else str)
+        else:
+            kind = int if f.type.startswith("int") else float if f.type == "float" else str
+            parser.add_argument(flag, type=kind, default=None)
+    args = vars(parser.parse_args(argv))
+    values = _load_file(args.pop("config")) if args.get("config") else {}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"config file: unknown fields {sorted(unknown)}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,166 @@
+"""PDF training, top to bottom.
+
+    python -m train.run [--config FILE.yaml] [--steps N --global-batch B ...]     (one process)
+    torchrun --nproc-per-node G -m train.run ...                                  (G processes, one per GPU)
+
+With no --train-data it trains on a generated MMEB-format shapes set (train/synthetic.py). Writes
+``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
+samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, last k kept; ``--resume``
+continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import models
+
+from . import checkpoint, synthetic
+from .config import TrainConfig, parse
+from .data import ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
+from .evaluate import evaluate, markdown
+from .model import build
+from .step import Parts, train_step
+
+log = logging.getLogger("pdf")
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return rank, size, torch.device("cuda", torch.cuda.current_device())
+    return rank, size, torch.device("cpu")
+
+
+def default_data(config: TrainConfig, rank: int) -> None:
+    """No data given: generate the shapes set once (rank 0) and train and evaluate on it."""
+    folder = Path(config.out_dir) / "data"
+    if rank == 0 and not (folder / "train" / "t2i.jsonl").exists():
+        synthetic.generate(folder, num_train=2000, num_eval=100, seed=1234)
+    if dist.is_initialized():
+        dist.barrier()
+    config.train_data = [str(folder / "train" / "t2i.jsonl"), str(folder / "train" / "i2t.jsonl")]
+    config.eval_data = config.eval_data or [str(folder / "eval" / "t2i.jsonl"), str(folder / "eval" / "i2t.jsonl")]
+    config.image_dir = config.image_dir or str(folder / "images")
+
+
+def lr_schedule(config: TrainConfig):
+    """Linear warm-up, then linear decay to zero at the last step."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        return max(0.0, (config.steps - step) / max(1, config.steps - config.warmup_steps))
+    return factor
+
+
+def make_parts(config: TrainConfig, model, device) -> Parts:
+    hidden = models.patch._hf_model(model).config.text_config.hidden_size
+    aggregator = models.Aggregator(hidden, config.num_paths).to(device) if config.num_paths > 1 else None
+    estimator = models.VCLUB(hidden).to(device) if config.uses_mim else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    params += list(aggregator.parameters()) if aggregator is not None else []
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    estimator_optimizer = torch.optim.AdamW(estimator.parameters(), lr=config.estimator_lr) if estimator else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
+    return Parts(model, aggregator, estimator, optimizer, estimator_optimizer, scheduler)
+
+
+def chunks(collator, examples: list, size: int, device) -> list[dict]:
+    return [{k: v.to(device) for k, v in collator(examples[i:i + size]).items()}
+            for i in range(0, len(examples), size)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rank, world_size, device = setup_distributed()
+    if config.global_batch % world_size:
+        raise ValueError(f"config: 'global_batch' ({config.global_batch}) must divide by the {world_size} ranks")
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if not config.train_data:
+        default_data(config, rank)
+
+    # model, data, optimisation
+    model, tokenizer, processor = build(config, synthetic.all_words(), device)
+    collator = Qwen2VLCollator(tokenizer, processor, models.patch._hf_model(model).config, config.max_text_tokens)
+    loader = ImageLoader(config.image_dir)
+    sampler = TrainSampler([load_rows(p) for p in config.train_data], config.subset_weights or None, loader,
+                           config.seed, config.bad_images)
+    parts = make_parts(config, model, device)
+    out = Path(config.out_dir)
+    ckpt_dir = out / "checkpoints"
+    start = 0
+    if config.resume and checkpoint.latest(ckpt_dir) is not None:
+        start = checkpoint.restore(checkpoint.latest(ckpt_dir), parts)
+        log.info("resumed from %s at step %d", checkpoint.latest(ckpt_dir), start)
+
+    # a signal writes a checkpoint after the current step, then the run stops
+    stop = {"requested": False}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.update(requested=True))
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.train()
+    per_rank = config.global_batch // world_size
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    history = []
+    step = start
+    try:
+        for step in range(start, config.steps):
+            tick = time.perf_counter()
+            queries, targets = sampler.batch(step, config.global_batch)  # the same global batch on every rank
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            metrics = train_step(parts, chunks(collator, queries[mine], config.chunk_size, device),
+                                 chunks(collator, targets[mine], config.chunk_size, device), config, device)
+            metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
+                           bad_images=loader.bad)
+            history.append(metrics)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                    done = (step + 1) / config.steps
+                    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
+                          f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
+            if rank == 0 and ((step + 1) % config.checkpoint_every == 0 or stop["requested"] or early):
+                checkpoint.save(ckpt_dir, step + 1, parts, config, config.keep_checkpoints)
+            if stop["requested"]:
+                log.info("stopping on a signal after step %d (checkpoint written)", step + 1)
+                sys.exit(130)
+            if early:
+                log.info("stopping after %d steps of this run (checkpoint written; --resume continues)",
+                         config.stop_after)
+                return {"history": history, "eval": {}}
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    if rank == 0:
+        checkpoint.save(ckpt_dir, config.steps, parts, config, config.keep_checkpoints)
+        models.save_pdf(out / "pdf.safetensors", model, parts.aggregator, parts.estimator)
+    results = {}
+    if rank == 0 and config.evaluate and config.eval_data:
+        results = evaluate(model, collator, config, parts.aggregator, device, out)
+        print(markdown(results))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"history": history, "eval": results}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""One PDF training step (paper §3), with GradCache so the global batch does not depend on memory.
+
+1. Chunked forward without gradients: embeddings ``[N, B, d]`` of queries and targets for every path, the
+   RNG state of each chunk saved.
+2. Stage 1: the vCLUB estimator takes its own step on the detached embeddings (Eq. 4).
+3. Stage 2, estimator frozen: loss = InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i)
+   + lambda_mim * MIM (Eqs. 5-8) on the cached embeddings (global batch across ranks); its gradients with
+   respect to the embeddings are cached.
+4. Chunk by chunk, forward again with gradients (RNG replayed) and backpropagate the cached gradients;
+   then the backbone, prefix and aggregator take their step. Loss and gradients equal the full-batch step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+import models
+
+from .losses import gather, info_nce, path_cosine, world
+
+
+@dataclass
+class Parts:
+    model: torch.nn.Module
+    aggregator: torch.nn.Module | None
+    estimator: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    estimator_optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Data parallelism without a wrapper: every rank's gradients averaged (what DDP's reducer does), once
+    per step after all GradCache chunks, in a fixed order."""
+    _, world_size = world()
+    if world_size == 1:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world_size
+
+
+def _paths(config) -> list[int] | None:
+    return None if config.prefix_len == 0 else list(range(config.num_paths))
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _encode_chunks(parts: Parts, chunks: list[dict], paths, device) -> tuple[torch.Tensor, list]:
+    reps, states = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(_rng_state())
+            with _autocast(device):
+                reps.append(models.encode(parts.model, chunk, paths).float())
+    return torch.cat(reps, dim=1), states
+
+
+def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config) -> tuple[torch.Tensor, dict]:
+    """InfoNCE(aggregate) + lambda_con * mean per-path InfoNCE, on global-batch embeddings ``[N, B, d]``."""
+    if q.shape[0] == 1:
+        loss = info_nce(q[0], t[0], config.temperature)
+        return loss, {"loss_agg": loss.detach(), "loss_path": loss.detach()}
+    agg = info_nce(aggregator(q), aggregator(t), config.temperature)
+    per_path = torch.stack([info_nce(q[i], t[i], config.temperature) for i in range(q.shape[0])]).mean()
+    return agg + config.lambda_con * per_path, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
+
+
+def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict], config,
+               device: torch.device) -> dict:
+    paths = _paths(config)
+    q_local, q_states = _encode_chunks(parts, query_chunks, paths, device)
+    t_local, t_states = _encode_chunks(parts, target_chunks, paths, device)
+    _, world_size = world()
+    metrics: dict = {}
+
+    # stage 1: the estimator learns q(h_i | h_j) on detached embeddings of this rank
+    if config.uses_mim:
+        parts.estimator_optimizer.zero_grad(set_to_none=True)
+        est = (parts.estimator.estimator_loss(q_local) + parts.estimator.estimator_loss(t_local)) / 2
+        est.backward()
+        average_gradients(parts.estimator_optimizer)
+        parts.estimator_optimizer.step()
+        metrics["loss_estimator"] = est.detach()
+
+    # stage 2: losses on the cached embeddings; gradients cached for the re-forward
+    q_leaf, t_leaf = q_local.clone().requires_grad_(), t_local.clone().requires_grad_()
+    q_all, t_all = gather(q_leaf, dim=1), gather(t_leaf, dim=1)
+    loss, parts_metrics = contrastive_loss(q_all, t_all, parts.aggregator, config)
+    metrics.update(parts_metrics)
+    backward_loss = loss
+    if config.uses_mim:
+        mim = (parts.estimator.mim_loss(q_leaf) + parts.estimator.mim_loss(t_leaf)) / 2  # negatives span ranks
+        metrics["mi_estimate"] = mim.detach()
+        loss = loss + config.lambda_mim * mim
+        # mim's gradients are exact per rank (not summed by a gather): scale so that the mean over ranks is exact
+        backward_loss = backward_loss + config.lambda_mim * world_size * mim
+    parts.optimizer.zero_grad(set_to_none=True)
+    backward_loss.backward()
+    q_grad, t_grad = q_leaf.grad, t_leaf.grad
+
+    # re-forward chunk by chunk with gradients (RNG replayed), backpropagating the cached gradients
+    for chunks, states, grad in ((query_chunks, q_states, q_grad), (target_chunks, t_states, t_grad)):
+        offset = 0
+        for chunk, state in zip(chunks, states):
+            rows = chunk["input_ids"].shape[0]
+            _set_rng_state(state)
+            with _autocast(device):
+                reps = models.encode(parts.model, chunk, paths).float()
+            reps.backward(grad[:, offset:offset + rows])
+            offset += rows
+    average_gradients(parts.optimizer)
+    if config.max_grad_norm > 0:
+        params = [p for g in parts.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    parts.optimizer.step()
+    parts.scheduler.step()
+
+    metrics["loss"] = loss.detach()
+    metrics["path_cosine"] = path_cosine(q_local)
+    metrics["lr"] = parts.scheduler.get_last_lr()[0]
+    return {k: float(v) for k, v in metrics.items()}
