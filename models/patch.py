@@ -125,11 +125,11 @@ def _normalise_paths(model: nn.Module, paths: int | Sequence[int] | None) -> lis
     return chosen
 
 
-def _repeat_batch(value, k: int, batch: int):
+def _repeat_batch(name: str, value, k: int, batch: int):
     """Repeat a language-model input k times along its batch dimension, path-major."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
-    if value.dim() == 3 and value.shape[1] == batch and value.shape[0] in (3, 4):  # Qwen2-VL rope ids [3|4, B, L]
+    if name == "position_ids" and value.dim() == 3:  # Qwen2-VL multimodal rope ids [3 or 4, B, L]
         return value.repeat(1, k, 1)
     if value.shape[0] == batch:
         return value.repeat(k, *([1] * (value.dim() - 1)))
@@ -153,7 +153,7 @@ def use_paths(model: nn.Module, paths: int | Sequence[int] | None) -> Iterator[N
             reference = embeds if embeds is not None else kwargs.get("input_ids")
             if reference is None:
                 raise RuntimeError("use_paths: the language model got neither inputs_embeds nor input_ids")
-            kwargs = {key: _repeat_batch(value, k, reference.shape[0]) for key, value in kwargs.items()}
+            kwargs = {key: _repeat_batch(key, value, k, reference.shape[0]) for key, value in kwargs.items()}
         kwargs[attention.PATHS_KWARG] = () if chosen is None else tuple(chosen)
         return args, kwargs
 

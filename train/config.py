@@ -96,8 +96,12 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        if f.type == "bool":  # --name turns a default-off switch on; --no-name turns a default-on one off
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    default=None)
+            else:
+                parser.add_argument(flag, action="store_true", default=None)
         elif f.type.startswith("list"):
             parser.add_argument(flag, nargs="*", default=None, type=float if "float" in f.type else str)
         else:

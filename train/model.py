@@ -44,7 +44,7 @@ def image_processor(side: int | None = None, source: str | None = None):
     return cls(min_pixels=side * side, max_pixels=side * side, patch_size=4, merge_size=2, temporal_patch_size=2)
 
 
-def _set_special_ids(config, tokenizer) -> None:
+def set_special_ids(config, tokenizer) -> None:
     ids = tokenizer.convert_tokens_to_ids
     config.image_token_id = ids("<|image_pad|>")
     config.video_token_id = ids("<|video_pad|>")
@@ -62,7 +62,7 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
             arch, processor = tiny_qwen2vl(vocab_size=len(tokenizer)), image_processor(image_side)
         else:
             arch, processor = (qwen2vl_2b() if config.model == "qwen2vl-2b" else qwen2vl_7b()), image_processor()
-        _set_special_ids(arch, tokenizer)
+        set_special_ids(arch, tokenizer)
         torch.manual_seed(config.seed)
         with torch.device(device):
             model = Qwen2VLForConditionalGeneration(arch)

@@ -183,3 +183,14 @@ def test_prefix_parameter_shape_dtype_and_distinct_paths():
     assert model.pdf_prefix.dtype == torch.float64
     assert not torch.equal(model.pdf_prefix[:, 0], model.pdf_prefix[:, 1])
     assert model.config.vision_config._attn_implementation != "pdf_prefix"
+
+
+def test_k_paths_when_batch_equals_sequence_length():
+    """A batch of B rows of length L = B once looked like rope ids [3|4, B, L] to the input repetition."""
+    model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+    ids = torch.randint(10, 100, (4, 4))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
+    with torch.no_grad():
+        together = models.encode(model, inputs, [0, 1])
+        singles = torch.stack([models.encode(model, inputs, p)[0] for p in (0, 1)])
+    assert _rel(together, singles) <= 1e-5

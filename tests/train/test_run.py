@@ -1,0 +1,95 @@
+"""train.run end to end on CPU: metrics, evaluation, exact resume, checkpoints on a signal, two ranks."""
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train.run as run
+from tests.train.helpers import run_args, shapes_data
+
+
+@pytest.fixture
+def data(tmp_path_factory):
+    return shapes_data(tmp_path_factory.getbasetemp())
+
+
+def test_short_run_writes_metrics_weights_checkpoints_and_eval(data, tmp_path):
+    result = run.main(run_args(data, tmp_path, "--steps", "3"))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert {"loss", "loss_agg", "loss_path", "mi_estimate", "path_cosine", "lr", "samples_per_s"} <= set(lines[0])
+    assert (tmp_path / "pdf.safetensors").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003.pt"]
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert set(evaluation["average"]) == {"single", "aggregate", "none", "chance"}
+    assert evaluation["average"]["chance"] == pytest.approx(0.1)
+    assert result["eval"] == evaluation
+
+
+def test_resume_continues_with_the_same_losses(data, tmp_path):
+    straight = run.main(run_args(data, tmp_path / "a", "--steps", "4", "--no-evaluate"))["history"]
+    first = run.main(run_args(data, tmp_path / "b", "--steps", "4", "--stop-after", "2", "--no-evaluate"))
+    assert [m["step"] for m in first["history"]] == [1, 2]
+    second = run.main(run_args(data, tmp_path / "b", "--steps", "4", "--resume", "--no-evaluate"))["history"]
+    assert [m["step"] for m in second] == [3, 4]
+    for a, b in zip(straight[2:], second):
+        for key in ("loss", "loss_agg", "loss_path", "mi_estimate", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_sigterm_writes_a_checkpoint_before_exiting(data, tmp_path, monkeypatch):
+    original = run.train_step
+
+    def step_then_signal(*args, **kwargs):
+        metrics = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(run, "train_step", step_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            run.main(run_args(data, tmp_path, "--steps", "5", "--no-evaluate"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert info.value.code == 130
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001.pt"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    out = run.main(args)
+    params = {}
+    if rank == 0:
+        from train.checkpoint import latest
+
+        params = torch.load(latest(args[args.index("--out-dir") + 1] + "/checkpoints"), weights_only=False)["model"]
+    results[rank] = (out["history"], params)
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_union_batch(data, tmp_path):
+    single = run.main(run_args(data, tmp_path / "one", "--steps", "2", "--no-evaluate"))["history"]
+    single_params = torch.load(tmp_path / "one" / "checkpoints" / "step_0000002.pt", weights_only=False)["model"]
+    results = mp.Manager().dict()
+    args = run_args(data, tmp_path / "two", "--steps", "2", "--no-evaluate")
+    mp.spawn(_rank, args=(2, _free_port(), args, results), nprocs=2)
+    history, params = results[0]
+    for a, b in zip(single, history):
+        for key in ("loss", "loss_agg", "loss_path", "mi_estimate"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert params.keys() == single_params.keys()
+    for name, value in single_params.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
