@@ -16,10 +16,9 @@ import torch
 from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import models
+from bench.common import CUDA, DEVICE
 from models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TEXT_TOKENS = 10
 

@@ -21,16 +21,15 @@ import torch
 import torch.nn.functional as F
 
 import pdfkernels
+from bench.common import CUDA, DEVICE, QUICK
 from bench.memory import cuda_peak_extra_bytes
 from pdfkernels.baselines import cat_sdpa_prefix_attention
 from pdfkernels.layout import cu_seqlens_from_lengths
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 HEAD_DIM, PREFIX, PATHS = 128, 20, 2
-TOTAL = 16384 if CUDA else 1024
-SEQ_LENS = [512, 1024, 2048, 4096] if CUDA else [256, 512]
+TOTAL = 16384 if CUDA else (512 if QUICK else 1024)
+SEQ_LENS = [512, 1024, 2048, 4096] if CUDA else ([256] if QUICK else [256, 512])
 HEADS = [(12, 2), (32, 8)] if CUDA else [(12, 2)]
 MODES = ["fwd", "bwd", "fwd+bwd"]
 

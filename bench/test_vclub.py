@@ -2,8 +2,9 @@
 
     pytest bench/test_vclub.py --benchmark-only
 
-GPU: the paper's settings, B = 1024 with N = 2, d = 1536 (2B) and N = 4, d = 3584 (7B). CPU: B = 512,
-N = 2, d = 1536 (the broadcast of the full settings does not fit next to its gradients in 24 GB). Peak
+GPU: the paper's settings, B = 1024 with N = 2, d = 1536 (2B; also B = 256, 512) and N = 4, d = 3584 (7B).
+CPU: B = 128, 256, 512 with N = 2, d = 1536 (the broadcast of the full settings does not fit next to its
+gradients in 24 GB); --quick: B = 64, 128. Peak
 extra memory and the floor (reading y, mu, logvar once) are attached to each result as extra_info.
 """
 
@@ -15,16 +16,16 @@ import pytest
 import torch
 
 import pdfkernels
+from bench.common import CUDA, DEVICE, QUICK
 from bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
 from pdfkernels import backend
 from pdfkernels.baselines import club_broadcast_mim
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cuda":
-    SHAPES = [(2, 1024, 1536), (4, 1024, 3584)]
+if CUDA:
+    SHAPES = [(2, 256, 1536), (2, 512, 1536), (2, 1024, 1536), (4, 1024, 3584)]
     DTYPE = torch.bfloat16
 else:
-    SHAPES = [(2, 512, 1536)]
+    SHAPES = [(2, 64, 1536), (2, 128, 1536)] if QUICK else [(2, 128, 1536), (2, 256, 1536), (2, 512, 1536)]
     DTYPE = torch.float32
 
 

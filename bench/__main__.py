@@ -1,0 +1,147 @@
+"""Run the benchmarks on whatever device is present, print a markdown table, write JSON (and charts).
+
+    python -m bench [--quick] [--only NAME ...] [--plot] [--out bench/results]
+
+Parts: table4 (CPU, meta device), vclub, prefix_attention, models, train_step. The timed parts are the
+pytest-benchmark cases in bench/test_*.py, run here through pytest (the same cases as
+``pytest bench --benchmark-only``); each figure keeps its min/median/max over the repeats. The JSON goes to
+``<out>/<device>-<date>.json`` with the device, versions and commit. ``--quick`` is the CI-sized CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMED = ("vclub", "prefix_attention", "models", "train_step")
+PARTS = ("table4", *TIMED)
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "commit": (commit or "unknown") + ("+dirty" if dirty else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_timed(part: str, quick: bool) -> list[dict]:
+    """One bench/test_<part>.py module through pytest-benchmark; its records."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        env = {**os.environ, "PDFKERNELS_BENCH_QUICK": "1" if quick else "0"}
+        env.pop("TRITON_INTERPRET", None)
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / f"test_{part}.py"), "--benchmark-only", "-q",
+               "-p", "no:cacheprovider", f"--benchmark-json={report}"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not report.exists():
+            raise RuntimeError(f"bench part {part} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        data = json.loads(report.read_text())
+    records = []
+    for b in data["benchmarks"]:
+        stats = b["stats"]
+        records.append({"part": part, "name": b["name"], "params": b.get("params") or {},
+                        "seconds": {k: stats[k] for k in ("min", "median", "max")}, "rounds": stats["rounds"],
+                        **b.get("extra_info", {})})
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| part | case | median ms | min ms | max ms | TFLOP/s | peak extra MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        s = r["seconds"]
+        tflops = f"{r['tflops_median']:.1f}" if "tflops_median" in r else ""
+        peak = f"{r['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in r else ""
+        case = r["name"].split("[", 1)[-1].rstrip("]")
+        lines.append(f"| {r['part']} | {case} | {1e3 * s['median']:.3f} | {1e3 * s['min']:.3f} | "
+                     f"{1e3 * s['max']:.3f} | {tflops} | {peak} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], folder: Path, stem: str) -> list[Path]:
+    """TFLOP/s against sequence length per provider (prefix attention); time and memory against batch (vCLUB)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from exc
+    written = []
+    attention = [r for r in records if r["part"] == "prefix_attention" and r.get("mode") == "fwd+bwd"]
+    if attention:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for provider in sorted({r["params"].get("provider") for r in attention if r["params"].get("provider")}):
+            rows = sorted((r["seq_len"], r["tflops_median"]) for r in attention
+                          if r["params"].get("provider") == provider and r["heads"] == attention[0]["heads"])
+            ax.plot([x for x, _ in rows], [y for _, y in rows], marker="o", label=provider)
+        ax.set(xscale="log", xlabel="sequence length", ylabel="TFLOP/s (fwd+bwd)", title=attention[0]["device"])
+        ax.legend()
+        written.append(folder / f"{stem}-prefix-attention.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+    vclub = [r for r in records if r["part"] == "vclub"]
+    if vclub:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        for provider in sorted({r["params"]["provider"] for r in vclub}):
+            rows = sorted((r["B"], r["seconds"]["median"], r["peak_extra_bytes"]) for r in vclub
+                          if r["params"]["provider"] == provider)
+            left.plot([b for b, _, _ in rows], [1e3 * t for _, t, _ in rows], marker="o", label=provider)
+            right.plot([b for b, _, _ in rows], [m / 2**20 for _, _, m in rows], marker="o", label=provider)
+        left.set(xscale="log", yscale="log", xlabel="batch B", ylabel="fwd+bwd ms", title=vclub[0]["device"])
+        right.set(xscale="log", yscale="log", xlabel="batch B", ylabel="peak extra MiB")
+        left.legend()
+        written.append(folder / f"{stem}-vclub.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI-sized CPU run")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=None, help="parts to run")
+    parser.add_argument("--plot", action="store_true", help="also write PNG charts")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
+    args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
+    meta = _versions()
+    result: dict = {**meta, "quick": args.quick, "benchmarks": [], "table4": None}
+    print(f"# pdfkernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+          f"transformers {meta['transformers']}, commit {meta['commit']}){' --quick' if args.quick else ''}\n")
+    if "table4" in parts:
+        from bench.table4 import table
+
+        text, rows = table()
+        result["table4"] = rows
+        print("## Table 4 (Qwen2-VL-2B, meta device)\n\n" + text + "\n")
+    for part in (p for p in parts if p in TIMED):
+        records = run_timed(part, args.quick)
+        result["benchmarks"] += records
+        label = "" if meta["device"] != "cpu" else " (CPU figures)"
+        print(f"## {part}{label}\n\n{markdown(records)}\n", flush=True)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['device'].replace(' ', '-')}-{meta['date'][:10]}{'-quick' if args.quick else ''}"
+    path = folder / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path}")
+    if args.plot:
+        for png in plot(result["benchmarks"], folder, stem):
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The paper's Table 4 on a CPU: parameters, trainable share and inference TFLOPs of VLM2Vec and PDF-VLM2Vec
+(Qwen2-VL-2B architecture, meta device, no weights and no GPU needed).
+
+    python -m bench.table4
+
+Counting convention (pinned down in FACTS.md): FLOPs of Linear and Conv layers at 2 x MACs, the LM head over
+all T tokens, attention score/value products not counted, one 1344x1344 image (9216 patches, 2304 merged
+visual tokens, T = 2314 tokens with 10 text tokens). Single prefix adds the prefix attention products
+4 * T * K * d_model per layer; the aggregate runs the vision tower once, the language model on both paths
+(with their prefix attention) and the LM head once. VLM2Vec: DoRA r = 8 on text q/k/v/o/down_proj.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Qwen2VLForConditionalGeneration
+
+import models
+from models.configs import qwen2vl_2b
+from train.config import VLM2VEC_TARGETS
+
+PAPER = {"vlm2vec_params_b": 2.214, "vlm2vec_share": 0.211, "pdf_params_b": 2.219, "pdf_share": 0.449,
+         "baseline_tflops": 18.925, "single_tflops": 18.937, "aggregate_tflops": 24.999}
+IMAGE_SIDE, TEXT_TOKENS, NUM_PATHS, PREFIX_LEN = 1344, 10, 2, 20
+_COUNTED = ("mm", "addmm", "convolution")  # Linear and Conv layers; attention products are bmm/baddbmm
+
+
+def _meta_model():
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(qwen2vl_2b())
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _linear_conv_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if str(op).split(".")[1] in _COUNTED)
+
+
+def _vision_flops(visual: torch.nn.Module, patches: int, merged: int) -> int:
+    """2 x MACs of the vision tower's Conv3d and Linear layers, read off the modules: every layer sees all
+    patches except the merger's, which see the merged tokens. (Its rotary position ids need real grid
+    data, so the tower cannot run on the meta device; its layers are exactly these.)"""
+    total = 0
+    for name, module in visual.named_modules():
+        tokens = merged if name.startswith("merger") else patches
+        if isinstance(module, torch.nn.Linear):
+            total += 2 * tokens * module.in_features * module.out_features
+        elif isinstance(module, torch.nn.Conv3d):
+            kernel = module.kernel_size[0] * module.kernel_size[1] * module.kernel_size[2]
+            total += 2 * tokens * module.out_channels * module.in_channels * kernel
+    return total
+
+
+def parameter_rows() -> dict:
+    import peft
+
+    lora = peft.LoraConfig(r=8, lora_alpha=16, use_dora=True, init_lora_weights="gaussian",
+                           target_modules=VLM2VEC_TARGETS)
+    with contextlib.redirect_stderr(io.StringIO()):
+        baseline = peft.get_peft_model(_meta_model(), lora)
+    total = sum(p.numel() for p in baseline.parameters())
+    trainable = sum(p.numel() for p in baseline.parameters() if p.requires_grad)
+    hidden = baseline.get_base_model().config.text_config.hidden_size
+    models.apply_pdf(baseline, num_paths=NUM_PATHS, prefix_len=PREFIX_LEN)
+    prefix = models.pdf_parameters(baseline)[0].numel()
+    aggregator = sum(p.numel() for p in models.Aggregator(hidden, NUM_PATHS).parameters())
+    return {"vlm2vec_total": total, "vlm2vec_trainable": trainable,
+            "pdf_total": total + prefix + aggregator, "pdf_trainable": trainable + prefix + aggregator,
+            "prefix": prefix, "aggregator": aggregator}
+
+
+def flop_rows() -> dict:
+    model = _meta_model()
+    cfg = model.config
+    grid = IMAGE_SIDE // cfg.vision_config.patch_size
+    visual_tokens = grid * grid // cfg.vision_config.spatial_merge_size ** 2
+    tokens = visual_tokens + TEXT_TOKENS
+    vision = _vision_flops(model.model.visual, grid * grid, visual_tokens)
+    embeds = torch.empty(1, tokens, cfg.text_config.hidden_size, device="meta")
+    positions = torch.arange(tokens, device="meta").view(1, 1, -1).expand(3, 1, -1)
+    language = _linear_conv_flops(lambda: model.model.language_model(inputs_embeds=embeds, position_ids=positions,
+                                                                     use_cache=False))
+    head = _linear_conv_flops(lambda: model.lm_head(embeds))
+    text = cfg.text_config
+    prefix_attention = 4 * tokens * PREFIX_LEN * text.hidden_size * text.num_hidden_layers
+    return {"tokens": tokens, "vision": vision, "language": language, "lm_head": head,
+            "baseline": vision + language + head,
+            "single": vision + language + head + prefix_attention,
+            "aggregate": vision + NUM_PATHS * (language + prefix_attention) + head}
+
+
+def table() -> tuple[str, list[dict]]:
+    p, f = parameter_rows(), flop_rows()
+    rows = [
+        ("VLM2Vec (DoRA r=8) parameters (B)", p["vlm2vec_total"] / 1e9, PAPER["vlm2vec_params_b"]),
+        ("VLM2Vec trainable (%)", 100 * p["vlm2vec_trainable"] / p["vlm2vec_total"], PAPER["vlm2vec_share"]),
+        ("PDF-VLM2Vec parameters (B)", p["pdf_total"] / 1e9, PAPER["pdf_params_b"]),
+        ("PDF-VLM2Vec trainable (%)", 100 * p["pdf_trainable"] / p["pdf_total"], PAPER["pdf_share"]),
+        ("TFLOPs, baseline", f["baseline"] / 1e12, PAPER["baseline_tflops"]),
+        ("TFLOPs, single prefix", f["single"] / 1e12, PAPER["single_tflops"]),
+        ("TFLOPs, aggregate (2 paths)", f["aggregate"] / 1e12, PAPER["aggregate_tflops"]),
+    ]
+    records = [{"row": name, "ours": ours, "paper": paper, "difference_pct": 100 * (ours - paper) / paper}
+               for name, ours, paper in rows]
+    lines = ["| Table 4 row | ours | paper | difference |", "|---|---|---|---|"]
+    lines += [f"| {r['row']} | {r['ours']:.4f} | {r['paper']} | {r['difference_pct']:+.3f}% |" for r in records]
+    lines.append(f"\nexact counts: {p['vlm2vec_trainable']:,} of {p['vlm2vec_total']:,} (VLM2Vec); "
+                 f"{p['pdf_trainable']:,} of {p['pdf_total']:,} (PDF; prefix {p['prefix']:,}, aggregator "
+                 f"{p['aggregator']:,}); T = {f['tokens']} tokens")
+    return "\n".join(lines), records
+
+
+if __name__ == "__main__":
+    text, _ = table()
+    print(text)
+    sys.exit(0)

@@ -1,0 +1,60 @@
+"""One PDF training step against the baseline VLM2Vec step on the same batch (train.step.train_step).
+
+    pytest bench/test_train_step.py --benchmark-only
+
+GPU: the Qwen2-VL-2B architecture, random bf16 weights, DoRA r=8, 8 (query, target) pairs of text and one
+448x448 image. CPU: the tiny preset on 32 pairs of the generated shapes set, labelled cpu.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.common import CUDA, DEVICE, device_name, sync
+from train import synthetic
+from train.config import TrainConfig
+from train.data import ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
+from train.model import build
+from train.run import chunks, make_parts
+from train.step import train_step
+
+_DATA = Path(tempfile.mkdtemp(prefix="pdf-bench-")) / "shapes"
+BATCH = 8 if CUDA else 32
+
+
+def _setup(variant: str):
+    if not (_DATA / "train").exists():
+        synthetic.generate(_DATA, num_train=64, num_eval=2, seed=0)
+    flags = {"baseline": dict(baseline=True), "pdf": {}}[variant]
+    config = TrainConfig(model="qwen2vl-2b" if CUDA else "tiny", global_batch=BATCH, chunk_size=BATCH,
+                         image_dir=str(_DATA / "images"),
+                         train_data=[str(_DATA / "train" / "t2i.jsonl"), str(_DATA / "train" / "i2t.jsonl")],
+                         **flags)
+    model, tokenizer, processor = build(config, synthetic.all_words(), DEVICE, image_side=448 if CUDA else 32)
+    if CUDA:
+        model.to(torch.bfloat16)
+    model.train()
+    parts = make_parts(config, model, DEVICE)
+    collator = Qwen2VLCollator(tokenizer, processor, model.config if not config.lora_r
+                               else model.get_base_model().config)
+    sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
+    queries, targets = sampler.batch(0, BATCH)
+    q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)
+    return lambda: train_step(parts, q, t, config, DEVICE)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "pdf"])
+def test_train_step(benchmark, variant):
+    step = _setup(variant)
+
+    def timed():
+        step()
+        sync()
+
+    timed()
+    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({"device": device_name(), "variant": variant, "pairs": BATCH})
