@@ -17,8 +17,8 @@ import torch
 from bench.common import CUDA, DEVICE, device_name, sync
 from train import synthetic
 from train.config import TrainConfig
-from train.data import ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
-from train.model import build
+from train.data import ImageLoader, TrainSampler, load_rows
+from train.model import build, make_collator
 from train.run import chunks, make_parts
 from train.step import train_step
 
@@ -39,8 +39,7 @@ def _setup(variant: str):
         model.to(torch.bfloat16)
     model.train()
     parts = make_parts(config, model, DEVICE)
-    collator = Qwen2VLCollator(tokenizer, processor, model.config if not config.lora_r
-                               else model.get_base_model().config)
+    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
     sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
     queries, targets = sampler.batch(0, BATCH)
     q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 # VLM2Vec's LoRA/DoRA targets; in Hugging Face Qwen2-VL they match the text model's q/k/v/o/down_proj only.
 VLM2VEC_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
-MODEL_PRESETS = ("tiny", "qwen2vl-2b", "qwen2vl-7b")
 
 
 @dataclass
@@ -27,7 +26,7 @@ class TrainConfig:
     no_mim: bool = False  # R3: parallel paths without MIM
     no_path_loss: bool = False  # R4: without the per-path (sub) loss
     # model
-    model: str = "tiny"  # a preset in MODEL_PRESETS or a local directory (from_pretrained, offline)
+    model: str = "tiny"  # a preset in train.model.PRESETS or a local directory (from_pretrained, offline)
     lora_r: int | None = None  # DoRA rank on VLM2VEC_TARGETS; 0 trains every weight; None: 8, or 0 for "tiny"
     gradient_checkpointing: bool = False
     # optimisation
@@ -69,7 +68,7 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if self.lora_r is None:
-            self.lora_r = 0 if self.model == "tiny" else 8  # no pretrained backbone: train every weight
+            self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
         if self.subset_weights and len(self.subset_weights) != len(self.train_data):

@@ -82,16 +82,25 @@ class TrainSampler:
         return queries, targets
 
 
-class Qwen2VLCollator:
-    """(text, image or None) pairs -> Qwen2-VL inputs, left padded (the last token is the embedding)."""
+class Collator:
+    """(text, image or None) pairs -> model inputs, left padded (the last token is the embedding), with each
+    ``<|image_1|>`` replaced by the backbone's image tokens (as many as the image yields)."""
 
-    def __init__(self, tokenizer, image_processor, config, max_text_tokens: int = 64):
+    def __init__(self, tokenizer, image_processor, image_token_id: int, max_text_tokens: int = 64):
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.image_id = config.image_token_id
-        self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
-        self.merge = config.vision_config.spatial_merge_size
+        self.image_id = image_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.max_text_tokens = max_text_tokens
+
+    def images(self, images: list[Image.Image]) -> tuple[dict, list[int]]:
+        """(model inputs for the images, number of image tokens of each)."""
+        raise NotImplementedError
+
+    def image_block(self, count: int) -> list[int]:
+        return [self.image_id] * count
+
+    def extra(self, ids: torch.Tensor) -> dict:
+        return {}
 
     def _ids(self, text: str, image_tokens: int | None) -> list[int]:
         if (IMAGE_PLACEHOLDER in text) != (image_tokens is not None):
@@ -100,21 +109,16 @@ class Qwen2VLCollator:
         ids: list[int] = []
         for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if i:
-                ids += [self.start_id] + [self.image_id] * image_tokens + [self.end_id]
+                ids += self.image_block(image_tokens)
             ids += self.tokenizer(part.strip(), add_special_tokens=False)["input_ids"][: self.max_text_tokens]
         return ids
 
     def __call__(self, examples: list[tuple[str, Image.Image | None]]) -> dict:
         images = [img for _, img in examples if img is not None]
-        out: dict = {}
-        grids = []
-        if images:
-            processed = self.image_processor(images=images, return_tensors="pt")
-            out["pixel_values"], out["image_grid_thw"] = processed["pixel_values"], processed["image_grid_thw"]
-            grids = [int(g.prod()) // self.merge ** 2 for g in processed["image_grid_thw"]]
+        out, counts = self.images(images) if images else ({}, [])
         rows, k = [], 0
         for text, img in examples:
-            rows.append(self._ids(text, grids[k] if img is not None else None))
+            rows.append(self._ids(text, counts[k] if img is not None else None))
             k += img is not None
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -122,5 +126,59 @@ class Qwen2VLCollator:
         for b, row in enumerate(rows):
             ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[b, length - len(row):] = 1
-        out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == self.image_id).long())
+        out.update(input_ids=ids, attention_mask=mask, **self.extra(ids))
         return out
+
+
+class Qwen2VLCollator(Collator):
+    """Qwen2-VL: ``<|vision_start|>`` + grid/merge² image tokens + ``<|vision_end|>``, and mm_token_type_ids."""
+
+    def __init__(self, tokenizer, image_processor, config, max_text_tokens: int = 64):
+        super().__init__(tokenizer, image_processor, config.image_token_id, max_text_tokens)
+        self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
+        self.merge = config.vision_config.spatial_merge_size
+
+    def images(self, images):
+        processed = self.image_processor(images=images, return_tensors="pt")
+        counts = [int(g.prod()) // self.merge ** 2 for g in processed["image_grid_thw"]]
+        return {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}, counts
+
+    def image_block(self, count):
+        return [self.start_id] + [self.image_id] * count + [self.end_id]
+
+    def extra(self, ids):
+        return {"mm_token_type_ids": (ids == self.image_id).long()}
+
+
+class LlavaCollator(Collator):
+    """LLaVA and LLaVA-NeXT: the image token repeated once per visual feature. How many features an image
+    yields (AnyRes tiles, newline tokens, CLS handling) is asked of the model itself, once per image size."""
+
+    def __init__(self, tokenizer, image_processor, model, max_text_tokens: int = 64):
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        super().__init__(tokenizer, image_processor, hf.config.image_token_id, max_text_tokens)
+        self.inner = hf.model
+        self.next = hasattr(hf.config, "image_grid_pinpoints")
+        self.cache: dict = {}
+
+    def _count(self, pixel_values: torch.Tensor, size) -> int:
+        key = tuple(int(x) for x in size) if size is not None else tuple(pixel_values.shape)
+        if key not in self.cache:
+            param = next(self.inner.parameters())
+            kwargs = {"image_sizes": size[None].to(param.device)} if size is not None else {}
+            with torch.no_grad():
+                out = self.inner.get_image_features(pixel_values=pixel_values[None].to(param.device, param.dtype),
+                                                    **kwargs)
+            feats = getattr(out, "pooler_output", out)
+            self.cache[key] = int(feats[0].shape[0]) if isinstance(feats, (list, tuple)) else int(feats.shape[-2])
+        return self.cache[key]
+
+    def images(self, images):
+        processed = self.image_processor(images=images, return_tensors="pt")
+        pixels = processed["pixel_values"]
+        sizes = processed.get("image_sizes") if self.next else None
+        counts = [self._count(pixels[i], sizes[i] if sizes is not None else None) for i in range(len(images))]
+        out = {"pixel_values": pixels}
+        if sizes is not None:
+            out["image_sizes"] = sizes
+        return out, counts

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2VLForConditionalGeneration,
+)
 
 import models
-from models.configs import qwen2vl_2b, qwen2vl_7b, tiny_qwen2vl
+from models.configs import llava_next_7b, qwen2vl_2b, qwen2vl_7b, tiny_llava_next, tiny_qwen2vl
 
 from .config import VLM2VEC_TARGETS, TrainConfig
+from .data import LlavaCollator, Qwen2VLCollator
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -27,54 +33,81 @@ def local_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
                                    additional_special_tokens=SPECIAL_TOKENS[2:])
 
 
-def _image_processor_class():
-    try:  # transformers >= 5.x with the PIL path split out (no torchvision needed)
-        from transformers import Qwen2VLImageProcessorPil as cls
-    except ImportError:
-        from transformers import Qwen2VLImageProcessor as cls
-    return cls
+def _processor_class(kind: str):
+    """The image processor class of a backbone kind, preferring the PIL implementation (no torchvision)."""
+    import transformers
+
+    base = {"qwen2_vl": "Qwen2VLImageProcessor", "llava_next": "LlavaNextImageProcessor",
+            "llava": "CLIPImageProcessor"}[kind]
+    return getattr(transformers, base + "Pil", None) or getattr(transformers, base)
 
 
-def image_processor(side: int | None = None, source: str | None = None):
-    cls = _image_processor_class()
+def image_processor(side: int | None = None, source: str | None = None, kind: str = "qwen2_vl", config=None):
+    """A local directory's processor, the tiny presets' (images of ``side`` pixels), or the defaults."""
+    cls = _processor_class(kind)
     if source is not None:
         return cls.from_pretrained(source, local_files_only=True)
-    if side is None:
-        return cls()
-    return cls(min_pixels=side * side, max_pixels=side * side, patch_size=4, merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        if side is None:
+            return cls()
+        return cls(min_pixels=side * side, max_pixels=side * side, patch_size=4, merge_size=2, temporal_patch_size=2)
+    vision = config.vision_config
+    crop = {"height": vision.image_size, "width": vision.image_size}
+    extra = {"image_grid_pinpoints": config.image_grid_pinpoints} if kind == "llava_next" else {}
+    return cls(size={"shortest_edge": vision.image_size}, crop_size=crop, **extra)
 
 
 def set_special_ids(config, tokenizer) -> None:
     ids = tokenizer.convert_tokens_to_ids
-    config.image_token_id = ids("<|image_pad|>")
-    config.video_token_id = ids("<|video_pad|>")
-    config.vision_start_token_id = ids("<|vision_start|>")
-    config.vision_end_token_id = ids("<|vision_end|>")
+    if getattr(config, "model_type", "") == "qwen2_vl":
+        config.image_token_id = ids("<|image_pad|>")
+        config.video_token_id = ids("<|video_pad|>")
+        config.vision_start_token_id = ids("<|vision_start|>")
+        config.vision_end_token_id = ids("<|vision_end|>")
+    else:
+        config.image_token_id = ids("<|image_pad|>")
+        if hasattr(config, "image_token_index"):
+            config.image_token_index = ids("<|image_pad|>")
     config.pad_token_id = tokenizer.pad_token_id
+
+
+PRESETS = {
+    "tiny": lambda vocab: tiny_qwen2vl(vocab_size=vocab),
+    "tiny-llava-next": lambda vocab: tiny_llava_next("mistral", vocab_size=vocab),
+    "qwen2vl-2b": lambda vocab: qwen2vl_2b(),
+    "qwen2vl-7b": lambda vocab: qwen2vl_7b(),
+    "llava-next-7b": lambda vocab: llava_next_7b(),
+}
+_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+            "llava": LlavaForConditionalGeneration}
 
 
 def build(config: TrainConfig, words: list[str], device: torch.device, image_side: int = 32):
     """(model, tokenizer, image processor) for ``config.model``: a preset with random weights (the tokenizer
     built from ``words``) or a local directory loaded offline."""
-    if config.model == "tiny" or config.model in ("qwen2vl-2b", "qwen2vl-7b"):
+    if config.model in PRESETS:
         tokenizer = local_tokenizer(words)
-        if config.model == "tiny":
-            arch, processor = tiny_qwen2vl(vocab_size=len(tokenizer)), image_processor(image_side)
-        else:
-            arch, processor = (qwen2vl_2b() if config.model == "qwen2vl-2b" else qwen2vl_7b()), image_processor()
+        arch = PRESETS[config.model](len(tokenizer))
+        kind = arch.model_type
+        tiny = config.model.startswith("tiny")
+        processor = image_processor(image_side if tiny else None, kind=kind, config=arch)
         set_special_ids(arch, tokenizer)
         torch.manual_seed(config.seed)
         with torch.device(device):
-            model = Qwen2VLForConditionalGeneration(arch)
+            model = _CLASSES[kind](arch)
     elif Path(config.model).is_dir():
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
+        kind = AutoConfig.from_pretrained(config.model, local_files_only=True).model_type
+        if kind not in _CLASSES:
+            raise ValueError(f"config: model directory {config.model} holds a {kind!r} model; supported: "
+                             f"{sorted(_CLASSES)}")
         tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(config.model, local_files_only=True).to(device)
-        processor = image_processor(source=config.model)
+        model = _CLASSES[kind].from_pretrained(config.model, local_files_only=True).to(device)
+        processor = image_processor(source=config.model, kind=kind)
     else:
-        raise ValueError(f"config: 'model' expected a preset {('tiny', 'qwen2vl-2b', 'qwen2vl-7b')} or a local "
-                         f"directory, got {config.model!r}")
+        raise ValueError(f"config: 'model' expected a preset {sorted(PRESETS)} or a local directory, "
+                         f"got {config.model!r}")
     models.apply_pdf(model, num_paths=config.num_paths, prefix_len=config.prefix_len, seed=config.seed)
     if config.lora_r:
         import peft
@@ -88,3 +121,11 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer, processor
+
+
+def make_collator(model, tokenizer, processor, max_text_tokens: int):
+    """The collator of the model's family."""
+    hf = models.patch._hf_model(model)
+    if type(hf).__name__.startswith("Qwen2VL"):
+        return Qwen2VLCollator(tokenizer, processor, hf.config, max_text_tokens)
+    return LlavaCollator(tokenizer, processor, model, max_text_tokens)

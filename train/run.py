@@ -27,9 +27,9 @@ import models
 
 from . import checkpoint, synthetic
 from .config import TrainConfig, parse
-from .data import ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
+from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
-from .model import build
+from .model import build, make_collator
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = Qwen2VLCollator(tokenizer, processor, models.patch._hf_model(model).config, config.max_text_tokens)
+    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
     loader = ImageLoader(config.image_dir)
     sampler = TrainSampler([load_rows(p) for p in config.train_data], config.subset_weights or None, loader,
                            config.seed, config.bad_images)

@@ -80,6 +80,8 @@ def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
     results[rank] = (out["history"], params)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; with CUDA the trainer uses nccl, one GPU "
+                    "per rank")
 def test_two_gloo_ranks_equal_one_process_on_the_union_batch(data, tmp_path):
     single = run.main(run_args(data, tmp_path / "one", "--steps", "2", "--no-evaluate"))["history"]
     single_params = torch.load(tmp_path / "one" / "checkpoints" / "step_0000002.pt", weights_only=False)["model"]
@@ -93,3 +95,11 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_batch(data, tmp_path):
     assert params.keys() == single_params.keys()
     for name, value in single_params.items():
         torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_llava_next_preset_trains_and_evaluates(data, tmp_path):
+    """The LLaVA-NeXT family through the same trainer: AnyRes image token counts come from the model."""
+    result = run.main(run_args(data, tmp_path, "--steps", "2", "--model", "tiny-llava-next"))
+    assert [m["step"] for m in result["history"]] == [1, 2]
+    assert all(m["loss"] == m["loss"] for m in result["history"])
+    assert set(result["eval"]["average"]) == {"single", "aggregate", "none", "chance"}

@@ -7,8 +7,8 @@ import models
 from tests.train.helpers import shapes_data
 from train import synthetic
 from train.config import TrainConfig
-from train.data import ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
-from train.model import build
+from train.data import ImageLoader, TrainSampler, load_rows
+from train.model import build, make_collator
 from train.run import chunks, make_parts
 from train.step import contrastive_loss, train_step
 
@@ -23,7 +23,7 @@ def _setup(tmp_path_factory, chunk_size, **overrides):
     model.train()
     torch.manual_seed(1)
     parts = make_parts(config, model, torch.device("cpu"))
-    collator = Qwen2VLCollator(tokenizer, processor, model.config)
+    collator = make_collator(model, tokenizer, processor, 64)
     sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
     queries, targets = sampler.batch(0, config.global_batch)
     return config, parts, collator, queries, targets
