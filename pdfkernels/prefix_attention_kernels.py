@@ -42,6 +42,41 @@ def _dim_mask(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, offsets, rows_ok, dim_ok, UPCAST: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile, zero outside; upcast to fp32 under the interpreter."""
+    tile = tl.load(ptr + offsets, mask=rows_ok[:, None] & dim_ok[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _softmax_step(q, kt, vt, visible, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """Fold one K/V tile into the online softmax (exp2 domain; rows with nothing visible yet stay at 0)."""
+    s = tl.where(visible, tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _recompute_p(q, kt, lse, visible, sm_scale, PRECISION: tl.constexpr):
+    """The forward's probabilities from the saved log-sum-exp: ``exp(q k^T scale - lse)``."""
+    s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
+    return tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _ds(p, do, vt, delta, PRECISION: tl.constexpr):
+    """Gradient of the scores: ``p * (dO v^T - delta)`` with ``delta = rowsum(dO * O)``."""
+    return p * (tl.dot(do, tl.trans(vt), input_precision=PRECISION) - delta[:, None])
+
+
+@triton.jit
 def _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     """``[rows, cols]`` visibility of own keys ``cols`` to queries at tokens ``tok``."""
     col_ok = cols < seqlen
@@ -75,9 +110,7 @@ def prefix_attention_fwd_kernel(
         dims, dim_ok = _dim_mask(BLOCK_D, HEAD_DIM)
         q_off = seq.to(tl.int64) * stride_qb + (tok0 + tok).to(tl.int64)[:, None] * stride_qt \
             + head[:, None] * stride_qh + dims[None, :]
-        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_tile(q_ptr, q_off, row_ok, dim_ok, UPCAST)
         qk_scale = sm_scale * 1.4426950408889634
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -89,20 +122,9 @@ def prefix_attention_fwd_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < K
             kv_off = p_base + cols[:, None] * stride_pk + dims[None, :]
-            kt = tl.load(pk_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            vt = tl.load(pv_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
+            kt = _load_tile(pk_ptr, kv_off, col_ok, dim_ok, UPCAST)
+            vt = _load_tile(pv_ptr, kv_off, col_ok, dim_ok, UPCAST)
+            m_i, l_i, acc = _softmax_step(q, kt, vt, col_ok[None, :], m_i, l_i, acc, qk_scale, PRECISION)
 
         # 2) the sequence's own keys, under the causal and padding masks
         hi = seqlen
@@ -113,21 +135,10 @@ def prefix_attention_fwd_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < seqlen
             kv_off = k_base + (tok0 + cols).to(tl.int64)[:, None] * stride_kt + dims[None, :]
-            kt = tl.load(k_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            vt = tl.load(v_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-                vt = vt.to(tl.float32)
+            kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
+            vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_step(q, kt, vt, visible, m_i, l_i, acc, qk_scale, PRECISION)
 
         # a query with no visible key: output 0 and lse = +inf, so the backward's exp(s - lse) is 0
         empty = l_i == 0.0
@@ -160,11 +171,8 @@ def prefix_attention_bwd_dkdv_kernel(
         dims, dim_ok = _dim_mask(BLOCK_D, HEAD_DIM)
         kv_off = seq.to(tl.int64) * stride_kb + (tok0 + cols).to(tl.int64)[:, None] * stride_kt \
             + kv_head * stride_kh + dims[None, :]
-        kt = tl.load(k_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = 0
@@ -180,20 +188,15 @@ def prefix_attention_bwd_dkdv_kernel(
                 + dims[None, :]
             o_off = seq.to(tl.int64) * stride_ob + tok_off[:, None] * stride_ot + head[:, None] * stride_oh \
                 + dims[None, :]
-            q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            do = tl.load(do_ptr + o_off, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_tile(q_ptr, q_off, row_ok, dim_ok, UPCAST)
+            do = _load_tile(do_ptr, o_off, row_ok, dim_ok, UPCAST)
             l_off = seq.to(tl.int64) * stride_lb + tok_off * stride_lt + head
             lse = tl.load(lse_ptr + l_off, mask=row_ok, other=float("inf"))
             delta = tl.load(delta_ptr + l_off, mask=row_ok, other=0.0)
             visible = _visible(cols, tl.where(row_ok, tok, -1), seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
-            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+            p = _recompute_p(q, kt, lse, visible, sm_scale, PRECISION)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = _ds(p, do, vt, delta, PRECISION)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         store_ok = col_ok[:, None] & dim_ok[None, :]
         tl.store(dk_ptr + kv_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_ok)
@@ -225,12 +228,8 @@ def prefix_attention_bwd_dq_kernel(
     tok_off = (tok0 + tok).to(tl.int64)
     q_off = seq.to(tl.int64) * stride_qb + tok_off[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
     o_off = seq.to(tl.int64) * stride_ob + tok_off[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    ok = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(q_ptr + q_off, mask=ok, other=0.0)
-    do = tl.load(do_ptr + o_off, mask=ok, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(q_ptr, q_off, row_ok, dim_ok, UPCAST)
+    do = _load_tile(do_ptr, o_off, row_ok, dim_ok, UPCAST)
     l_off = seq.to(tl.int64) * stride_lb + tok_off * stride_lt + head
     lse = tl.load(lse_ptr + l_off, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + l_off, mask=row_ok, other=0.0)
@@ -242,15 +241,10 @@ def prefix_attention_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < K
         kv_off = p_base + cols[:, None] * stride_pk + dims[None, :]
-        kt = tl.load(pk_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        vt = tl.load(pv_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-        p = tl.where(col_ok[None, :] & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        kt = _load_tile(pk_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        vt = _load_tile(pv_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        p = _recompute_p(q, kt, lse, col_ok[None, :] & row_ok[:, None], sm_scale, PRECISION)
+        ds = _ds(p, do, vt, delta, PRECISION)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
         part_off = slot * BLOCK_D + cols[:, None] * BLOCK_D + dims[None, :]
         store_ok = col_ok[:, None] & (dims < BLOCK_D)[None, :]
@@ -268,15 +262,9 @@ def prefix_attention_bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < seqlen
         kv_off = k_base + (tok0 + cols).to(tl.int64)[:, None] * stride_kt + dims[None, :]
-        kt = tl.load(k_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        vt = tl.load(v_ptr + kv_off, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
+        kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
         visible = _visible(cols, tl.where(row_ok, tok, -1), seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * sm_scale
-        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _ds(_recompute_p(q, kt, lse, visible, sm_scale, PRECISION), do, vt, delta, PRECISION)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
-    tl.store(dq_ptr + q_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=ok)
+    tl.store(dq_ptr + q_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
