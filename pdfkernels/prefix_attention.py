@@ -36,15 +36,18 @@ _KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefi
 
 def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     """Tile sizes and launch parameters per kernel, dtype, head_dim and architecture: the one source for
-    launches and for ``python -m pdfkernels.aot`` (each compiles there without spills)."""
+    launches and for ``python -m pdfkernels.aot`` (each compiles there without spills, with Triton 3.6 as on
+    the GPU machines and with the newest Triton). Untuned on a GPU so far: first choices that fit."""
     wide = head_dim > 64
     if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
+        if kernel is prefix_attention_bwd_dq_kernel and wide and arch >= 90:
+            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
     if kernel is prefix_attention_fwd_kernel:
         if arch >= 90:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
-    if kernel is prefix_attention_bwd_dq_kernel and arch < 90 and not wide:
+    if arch < 90 and not wide:  # backward on sm_80, head_dim <= 64
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
 
