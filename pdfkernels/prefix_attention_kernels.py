@@ -51,6 +51,17 @@ def _load_tile(ptr, offsets, rows_ok, dim_ok, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _prefix_tiles(pk_ptr, pv_ptr, p_base, n0, K, stride_pk, dims, dim_ok, BLOCK_N: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """Prefix keys/values ``n0 .. n0 + BLOCK_N`` of one path and KV head: (columns, in range, K tile, V tile)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < K
+    kv_off = p_base + cols[:, None] * stride_pk + dims[None, :]
+    return cols, col_ok, _load_tile(pk_ptr, kv_off, col_ok, dim_ok, UPCAST), _load_tile(pv_ptr, kv_off, col_ok,
+                                                                                        dim_ok, UPCAST)
+
+
+@triton.jit
 def _softmax_step(q, kt, vt, visible, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     """Fold one K/V tile into the online softmax (exp2 domain; rows with nothing visible yet stay at 0)."""
     s = tl.where(visible, tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qk_scale, float("-inf"))
@@ -119,11 +130,7 @@ def prefix_attention_fwd_kernel(
         # 1) the path's prefix keys, visible to every query
         p_base = tl.load(path_ptr + seq).to(tl.int64) * stride_pn + kv_head * stride_ph
         for n0 in range(0, K, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < K
-            kv_off = p_base + cols[:, None] * stride_pk + dims[None, :]
-            kt = _load_tile(pk_ptr, kv_off, col_ok, dim_ok, UPCAST)
-            vt = _load_tile(pv_ptr, kv_off, col_ok, dim_ok, UPCAST)
+            _, col_ok, kt, vt = _prefix_tiles(pk_ptr, pv_ptr, p_base, n0, K, stride_pk, dims, dim_ok, BLOCK_N, UPCAST)
             m_i, l_i, acc = _softmax_step(q, kt, vt, col_ok[None, :], m_i, l_i, acc, qk_scale, PRECISION)
 
         # 2) the sequence's own keys, under the causal and padding masks
@@ -238,11 +245,7 @@ def prefix_attention_bwd_dq_kernel(
     # prefix keys: dQ, and this block's share of dprefix (zero when the block has no rows)
     p_base = tl.load(path_ptr + seq).to(tl.int64) * stride_pn + kv_head * stride_ph
     for n0 in range(0, K, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < K
-        kv_off = p_base + cols[:, None] * stride_pk + dims[None, :]
-        kt = _load_tile(pk_ptr, kv_off, col_ok, dim_ok, UPCAST)
-        vt = _load_tile(pv_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        cols, col_ok, kt, vt = _prefix_tiles(pk_ptr, pv_ptr, p_base, n0, K, stride_pk, dims, dim_ok, BLOCK_N, UPCAST)
         p = _recompute_p(q, kt, lse, col_ok[None, :] & row_ok[:, None], sm_scale, PRECISION)
         ds = _ds(p, do, vt, delta, PRECISION)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
