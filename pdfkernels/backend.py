@@ -32,6 +32,19 @@ def use_triton(t: torch.Tensor) -> bool:
     return choice == "triton"
 
 
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # what the kernels take
+
+
+def use_triton_for(op: str, t: torch.Tensor) -> bool:
+    """``use_triton(t)``, refusing dtypes the kernels do not take rather than falling back silently."""
+    if not use_triton(t):
+        return False
+    if t.dtype not in TRITON_TYPES:
+        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {t.dtype} "
+                        f"(float64 runs on the PyTorch path: {ENV_VAR}=torch)")
+    return True
+
+
 def interpreting() -> bool:
     """Triton's interpreter runs kernels on the CPU; some dtypes need upcasting there (FACTS.md)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

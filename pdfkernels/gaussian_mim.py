@@ -25,7 +25,6 @@ samples and each rank's gradients are the exact gradients of the global loss wit
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +33,11 @@ import triton
 import triton.language as tl
 
 from . import backend
+from .reference import LOG_2PI
 from .registry import KernelConfig, configs_for, register
 from .validation import check_gaussian
 
-LOG_2PI = math.log(2.0 * math.pi)
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL_TYPES = backend.TRITON_TYPES
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,15 +442,6 @@ class _GaussianPathLoss(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _use_triton(op: str, y: torch.Tensor) -> bool:
-    if not backend.use_triton(y):
-        return False
-    if y.dtype not in _TL_TYPES:
-        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {y.dtype} "
-                        f"(float64 runs on the PyTorch path: {backend.ENV_VAR}=torch)")
-    return True
-
-
 def _resolve_group(group):
     if group is not None:
         return group
@@ -471,11 +461,11 @@ def mim_loss(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, group=N
     Deterministic: no atomics; partial sums are reduced in a fixed order."""
     check_gaussian("mim_loss", y, mu, logvar, "[N, B, d]", min_paths=2, min_batch=2)
     group = _resolve_group(group)
-    return _GaussianPathLoss.apply(y, mu, logvar, "mim", group, _use_triton("mim_loss", y))
+    return _GaussianPathLoss.apply(y, mu, logvar, "mim", group, backend.use_triton_for("mim_loss", y))
 
 
 def estimator_nll(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """The estimator's loss of Eq. 4 from ``[N, B, d]`` inputs (N >= 2): the mean over samples and ordered
     path pairs i != j of ``-log q(y[i,k] | mu[j,k], logvar[j,k])``. Local to this rank's samples."""
     check_gaussian("estimator_nll", y, mu, logvar, "[N, B, d]", min_paths=2)
-    return _GaussianPathLoss.apply(y, mu, logvar, "estimator", None, _use_triton("estimator_nll", y))
+    return _GaussianPathLoss.apply(y, mu, logvar, "estimator", None, backend.use_triton_for("estimator_nll", y))

@@ -14,18 +14,16 @@ matrix products in PyTorch (cuBLAS on GPUs) from the same centred operands.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from . import backend
+from .reference import LOG_2PI
 from .registry import KernelConfig, configs_for, register
 from .validation import check_gaussian
 
-LOG_2PI = math.log(2.0 * math.pi)
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL_TYPES = backend.TRITON_TYPES
 
 
 @triton.jit
@@ -116,8 +114,4 @@ def gaussian_loglik_pairwise(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Te
     """``[B, B]``: entry ``[k, m] = log N(y_k; mu_m, diag(exp(logvar_m)))`` from ``[B, d]`` inputs, in y's
     dtype, differentiable in all three. For diagnostics and for weighting or sampling negatives."""
     check_gaussian("gaussian_loglik_pairwise", y, mu, logvar, "[B, d]")
-    use_triton = backend.use_triton(y)
-    if use_triton and y.dtype not in _TL_TYPES:
-        raise TypeError(f"gaussian_loglik_pairwise: the Triton kernel takes float16, bfloat16 or float32 inputs, "
-                        f"got {y.dtype} (float64 runs on the PyTorch path: {backend.ENV_VAR}=torch)")
-    return _Pairwise.apply(y, mu, logvar, use_triton)
+    return _Pairwise.apply(y, mu, logvar, backend.use_triton_for("gaussian_loglik_pairwise", y))

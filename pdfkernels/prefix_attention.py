@@ -28,7 +28,7 @@ from .prefix_attention_kernels import (
 from .registry import KernelConfig, configs_for, register
 from .validation import check_prefix_attention, check_prefix_attention_varlen
 
-_TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL_TYPES = backend.TRITON_TYPES
 HEAD_DIMS = (64, 80, 96, 128)
 ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
 _KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel)
@@ -117,12 +117,6 @@ def _launch_params(kernel, dtype: torch.dtype, head_dim: int, causal: bool, varl
     return dict(cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
                 VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def _check_triton_dtype(op: str, q: torch.Tensor) -> None:
-    if q.dtype not in _TL_TYPES:
-        raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {q.dtype} "
-                        f"(float64 runs on the PyTorch path: {backend.ENV_VAR}=torch)")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -259,9 +253,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     and transposing it back is free. Differentiable in q, k, v, prefix_k and prefix_v."""
     scale = check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
                                    softmax_scale)
-    if not backend.use_triton(q):
+    if not backend.use_triton_for("prefix_attention", q):
         return _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
-    _check_triton_dtype("prefix_attention", q)
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2],
                                   causal, scale, False)
 
@@ -274,9 +267,8 @@ def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     Returns ``[T, H, D]`` in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v."""
     scale = check_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
                                           causal, softmax_scale)
-    if not backend.use_triton(q):
+    if not backend.use_triton_for("prefix_attention_varlen", q):
         return reference.prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
                                                  causal=causal, softmax_scale=scale)
-    _check_triton_dtype("prefix_attention_varlen", q)
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, cu_seqlens, None, max(max_seqlen, 1),
                                   causal, scale, True)
