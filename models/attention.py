@@ -16,7 +16,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-import pdfkernels
+from pdfkernels.prefix_attention import prefix_attention_known_paths
 
 ATTENTION_NAME = "pdf_prefix"
 PATHS_KWARG = "pdf_paths"  # the language model's forward kwarg carrying the active paths: a tuple, () = none
@@ -79,9 +79,10 @@ def pdf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         layer_prefix = state.prefix[layer].to(query.dtype)  # [N, 2, Hkv, K, D]
         prefix_k, prefix_v = layer_prefix[:, 0], layer_prefix[:, 1]
         path_ids = path_ids_for(list(paths), query.shape[0], query.device)
-    out = pdfkernels.prefix_attention(query, key, value, prefix_k, prefix_v, path_ids,
-                                      key_padding_mask=attention_mask, causal=getattr(module, "is_causal", True),
-                                      softmax_scale=scaling)
+    # path ids come from paths use_paths validated: skip the per-layer range check (a device sync)
+    out = prefix_attention_known_paths(query, key, value, prefix_k, prefix_v, path_ids,
+                                       key_padding_mask=attention_mask,
+                                       causal=getattr(module, "is_causal", True), softmax_scale=scaling)
     return out.transpose(1, 2), None
 
 

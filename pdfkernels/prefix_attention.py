@@ -251,8 +251,22 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     ``[B, L]`` bool (True = real token, left or right padding). Returns q's shape and dtype; when q is the
     ``[B, H, L, D]`` transpose of a ``[B, L, H, D]`` buffer (as Hugging Face passes it), so is the output,
     and transposing it back is free. Differentiable in q, k, v, prefix_k and prefix_v."""
+    return _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, softmax_scale, True)
+
+
+def prefix_attention_known_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                                 prefix_v: torch.Tensor, path_ids: torch.Tensor, *,
+                                 key_padding_mask: torch.Tensor | None = None, causal: bool = True,
+                                 softmax_scale: float | None = None) -> torch.Tensor:
+    """``prefix_attention`` for callers that built ``path_ids`` from already validated paths (the model
+    wrappers, once per layer): every check but the path-id range, which would cost a device sync."""
+    return _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, softmax_scale, False)
+
+
+def _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, softmax_scale,
+                      check_path_range: bool) -> torch.Tensor:
     scale = check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
-                                   softmax_scale)
+                                   softmax_scale, check_path_range)
     if not backend.use_triton_for("prefix_attention", q):
         return _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
     return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2],

@@ -49,15 +49,16 @@ def check_dims(op: str, name: str, t: torch.Tensor, expected: dict[int, tuple[st
 
 
 def check_ids(op: str, name: str, ids: object, length: int, upper: int, length_symbol: str,
-              upper_symbol: str, device: torch.device) -> torch.Tensor:
-    """Integer ids of shape ``[length]`` with values in ``[0, upper)``. Costs one sync on CUDA."""
+              upper_symbol: str, device: torch.device, check_range: bool = True) -> torch.Tensor:
+    """Integer ids of shape ``[length]`` with values in ``[0, upper)``. The range check costs one sync on
+    CUDA; callers that built the ids from validated values skip it (``check_range=False``)."""
     ids = check_tensor(op, name, ids, 1, f"[{length_symbol}]")
     if ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: argument '{name}' expected an integer dtype, got {ids.dtype}")
     check_device(op, name, ids, device)
     if ids.shape[0] != length:
         raise ValueError(f"{op}: argument '{name}' expected shape [{length_symbol}={length}], got {_shape(ids)}")
-    if length:
+    if length and check_range:
         lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{op}: argument '{name}' expected values in [0, {upper_symbol}={upper}), "
@@ -98,7 +99,7 @@ def _check_heads(op: str, h: int, hkv: int) -> None:
 
 
 def check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
-                           softmax_scale) -> float:
+                           softmax_scale, check_path_range: bool = True) -> float:
     """Checks the padded layout; returns the softmax scale to use."""
     op = "prefix_attention"
     check_tensor(op, "q", q, 4, "[B, H, L, D]")
@@ -113,7 +114,7 @@ def check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_ma
         raise ValueError(f"{op}: argument 'v' expected the shape of k {_shape(k)}, got {_shape(v)}")
     _check_heads(op, h, k.shape[1])
     n = _check_prefix(op, prefix_k, prefix_v, k.shape[1], d, q.dtype, q.device)
-    check_ids(op, "path_ids", path_ids, b, n, "B", "N", q.device)
+    check_ids(op, "path_ids", path_ids, b, n, "B", "N", q.device, check_path_range)
     if key_padding_mask is not None:
         check_tensor(op, "key_padding_mask", key_padding_mask, 2, "[B, L]")
         if key_padding_mask.dtype != torch.bool:
