@@ -1,6 +1,6 @@
 """Run the benchmarks on whatever device is present, print a markdown table, write JSON (and charts).
 
-    python -m bench [--quick] [--only NAME ...] [--plot] [--out bench/results]
+    python -m pdfkernels.bench [--quick] [--only NAME ...] [--plot] [--out bench/results]
 
 Parts: table4 (CPU, meta device), vclub, prefix_attention, models, train_step. The timed parts are the
 pytest-benchmark cases in bench/test_*.py, run here through pytest (the same cases as
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# pdfkernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
           f"transformers {meta['transformers']}, commit {meta['commit']}){' --quick' if args.quick else ''}\n")
     if "table4" in parts:
-        from bench.table4 import table
+        from pdfkernels.bench.table4 import table
 
         text, rows = table()
         result["table4"] = rows

@@ -8,7 +8,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-QUICK = os.environ.get("PDFKERNELS_BENCH_QUICK") == "1"  # CI-sized CPU run (python -m bench --quick)
+QUICK = os.environ.get("PDFKERNELS_BENCH_QUICK") == "1"  # CI-sized CPU run (python -m pdfkernels.bench --quick)
 
 
 def device_name() -> str:

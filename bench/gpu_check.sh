@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU validation in one go (for the lent H100/H200): install without dependencies, run the CUDA tests and
-# python -m bench, and leave logs, the markdown tables and the JSON in one folder
+# python -m pdfkernels.bench, and leave logs, the markdown tables and the JSON in one folder
 # (bench/results/<gpu>-<date>/, or under $OUT).
 #   bash bench/gpu_check.sh
 set -uo pipefail
@@ -20,7 +20,7 @@ PYEOF
 status=0
 "$PY" -m pytest tests -q -m gpu > "$DEST/gpu-tests.log" 2>&1 || status=1
 "$PY" -m pytest tests -q -m "not gpu" --deselect tests/test_aot.py > "$DEST/kernel-tests-on-cuda.log" 2>&1 || status=1
-"$PY" -m bench --out "$DEST" > "$DEST/bench.md" 2>&1 || status=1
+"$PY" -m pdfkernels.bench --out "$DEST" > "$DEST/bench.md" 2>&1 || status=1
 tail -n 3 "$DEST"/*.log "$DEST/bench.md"
 echo "results in $DEST (status $status)"
 exit $status

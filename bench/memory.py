@@ -1,6 +1,6 @@
 """Peak extra memory of one call: CUDA allocator statistics on GPUs, a fresh process's peak RSS on CPUs.
 
-On a CPU the call runs in a new interpreter (``python -m bench.memory MODULE:FUNCTION ARGS...``) so that its
+On a CPU the call runs in a new interpreter (``python -m pdfkernels.bench.memory MODULE:FUNCTION ARGS...``) so that its
 high-water mark is its own: forking a process whose thread pools are running can deadlock.
 """
 
@@ -42,8 +42,8 @@ def cuda_peak_extra_bytes(fn: Callable[[], object]) -> int:
 def cpu_peak_extra_bytes(target: str, *args: object) -> int:
     """Run ``target(*args)`` (``"module:function"``, returning a zero-argument callable after building its
     inputs) in a new process; bytes of peak RSS beyond the RSS once the inputs exist."""
-    out = subprocess.run([sys.executable, "-m", "bench.memory", target, json.dumps(args)], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "pdfkernels.bench.memory", target, json.dumps(args)],
+                         capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 

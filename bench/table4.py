@@ -1,7 +1,7 @@
 """The paper's Table 4 on a CPU: parameters, trainable share and inference TFLOPs of VLM2Vec and PDF-VLM2Vec
 (Qwen2-VL-2B architecture, meta device, no weights and no GPU needed).
 
-    python -m bench.table4
+    python -m pdfkernels.bench.table4
 
 Counting convention (pinned down in FACTS.md): FLOPs of Linear and Conv layers at 2 x MACs, the LM head over
 all T tokens, attention score/value products not counted, one 1344x1344 image (9216 patches, 2304 merged
@@ -20,9 +20,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2VLForConditionalGeneration
 
-import models
-from models.configs import qwen2vl_2b
-from train.config import VLM2VEC_TARGETS
+from pdfkernels import models
+from pdfkernels.models.configs import qwen2vl_2b
+from pdfkernels.train.config import VLM2VEC_TARGETS
 
 PAPER = {"vlm2vec_params_b": 2.214, "vlm2vec_share": 0.211, "pdf_params_b": 2.219, "pdf_share": 0.449,
          "baseline_tflops": 18.925, "single_tflops": 18.937, "aggregate_tflops": 24.999}

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-import models
-from bench.common import CUDA, DEVICE
-from models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
+from pdfkernels import models
+from pdfkernels.bench.common import CUDA, DEVICE
+from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TEXT_TOKENS = 10

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import pdfkernels
-from bench.common import CUDA, DEVICE, QUICK
-from bench.memory import cuda_peak_extra_bytes
 from pdfkernels.baselines import cat_sdpa_prefix_attention
+from pdfkernels.bench.common import CUDA, DEVICE, QUICK
+from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.layout import cu_seqlens_from_lengths
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.common import CUDA, DEVICE, device_name, sync
-from train import synthetic
-from train.config import TrainConfig
-from train.data import ImageLoader, TrainSampler, load_rows
-from train.model import build, make_collator
-from train.run import chunks, make_parts
-from train.step import train_step
+from pdfkernels.bench.common import CUDA, DEVICE, device_name, sync
+from pdfkernels.train import synthetic
+from pdfkernels.train.config import TrainConfig
+from pdfkernels.train.data import ImageLoader, TrainSampler, load_rows
+from pdfkernels.train.model import build, make_collator
+from pdfkernels.train.run import chunks, make_parts
+from pdfkernels.train.step import train_step
 
 _DATA = Path(tempfile.mkdtemp(prefix="pdf-bench-")) / "shapes"
 BATCH = 8 if CUDA else 32

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import pdfkernels
-from bench.common import CUDA, DEVICE, QUICK
-from bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
 from pdfkernels import backend
 from pdfkernels.baselines import club_broadcast_mim
+from pdfkernels.bench.common import CUDA, DEVICE, QUICK
+from pdfkernels.bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
 
 if CUDA:
     SHAPES = [(2, 256, 1536), (2, 512, 1536), (2, 1024, 1536), (4, 1024, 3584)]
@@ -83,6 +83,6 @@ def test_mim_loss_forward_backward(benchmark, provider, n, b, d):
         "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
         "dtype": str(DTYPE), "N": n, "B": b, "d": d,
         "peak_extra_bytes": (cuda_peak_extra_bytes(lambda: _step(fn, rotation[0])) if DEVICE.type == "cuda"
-                             else cpu_peak_extra_bytes("bench.test_vclub:prepared_step", provider, n, b, d)),
+                             else cpu_peak_extra_bytes("pdfkernels.bench.test_vclub:prepared_step", provider, n, b, d)),
         "input_bytes": 3 * n * b * d * element_bytes,
     })

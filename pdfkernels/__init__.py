@@ -5,12 +5,16 @@ Public ops (validated inputs, explicit dispatch; see ``pdfkernels.backend``):
 - ``prefix_attention`` / ``prefix_attention_varlen``: attention over N paths of deep prefixes.
 - ``gaussian_loglik_pairwise``, ``mim_loss``, ``estimator_nll``: the vCLUB Gaussian terms.
 
-``pdfkernels.reference`` holds the plain-PyTorch specification of each.
+``pdfkernels.reference`` holds the plain-PyTorch specification of each. The model patches, trainer and
+benchmarks are ``pdfkernels.models``, ``pdfkernels.train`` and ``pdfkernels.bench``.
 """
 
+from . import _layout
 from .gaussian_mim import estimator_nll, mim_loss
 from .gaussian_pairwise import gaussian_loglik_pairwise
 from .prefix_attention import prefix_attention, prefix_attention_varlen
+
+_layout.install()  # pdfkernels.models / .train / .bench in a source checkout
 
 __all__ = [
     "estimator_nll",

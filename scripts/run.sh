@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-exec .venv/bin/python -m train.run --config train/configs/demo.yaml "$@"
+exec .venv/bin/python -m pdfkernels.train.run --config train/configs/demo.yaml "$@"

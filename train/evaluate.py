@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import models
+from pdfkernels import models
 
 from .data import ImageLoader, load_rows
 

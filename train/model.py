@@ -12,8 +12,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-import models
-from models.configs import llava_next_7b, qwen2vl_2b, qwen2vl_7b, tiny_llava_next, tiny_qwen2vl
+from pdfkernels import models
+from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, qwen2vl_7b, tiny_llava_next, tiny_qwen2vl
 
 from .config import VLM2VEC_TARGETS, TrainConfig
 from .data import LlavaCollator, Qwen2VLCollator

@@ -1,7 +1,8 @@
 """PDF training, top to bottom.
 
-    python -m train.run [--config FILE.yaml] [--steps N --global-batch B ...]     (one process)
-    torchrun --nproc-per-node G -m train.run ...                                  (G processes, one per GPU)
+    python -m pdfkernels.train.run [--config FILE.yaml] [--steps N --global-batch B ...]     (one process)
+    python train/run.py ...                                                      (the same, from a checkout)
+    torchrun --nproc-per-node G -m pdfkernels.train.run ...                                  (G processes, one per GPU)
 
 With no --train-data it trains on a generated MMEB-format shapes set (train/synthetic.py). Writes
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
@@ -20,10 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+if not __package__:  # `python train/run.py`: run this file as the module it is, from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    import runpy
 
-import models
+    runpy.run_module("pdfkernels.train.run", run_name="__main__", alter_sys=True)
+    sys.exit()
+
+import torch  # noqa: E402  (after the script bootstrap above)
+import torch.distributed as dist  # noqa: E402
+
+from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, synthetic
 from .config import TrainConfig, parse

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-import models
+from pdfkernels import models
 
 from .losses import gather, info_nce, path_cosine, world
 

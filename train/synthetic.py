@@ -1,6 +1,6 @@
 """A small, real MMEB-format data set for demos and tests: coloured shapes with captions.
 
-    python -m train.synthetic OUT_DIR [--train 2000 --eval 200 --seed 0]
+    python -m pdfkernels.train.synthetic OUT_DIR [--train 2000 --eval 200 --seed 0]
 
 Writes ``OUT_DIR/images/*.png``, ``OUT_DIR/train/{t2i,i2t}.jsonl`` (MMEB train rows: ``qry``,
 ``qry_image_path``, ``pos_text``, ``pos_image_path``) and ``OUT_DIR/eval/{t2i,i2t}.jsonl`` (MMEB eval rows:

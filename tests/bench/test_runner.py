@@ -1,4 +1,5 @@
-"""python -m bench: the quick CPU run prints the table and writes the JSON with device, versions and figures."""
+"""python -m pdfkernels.bench: the quick CPU run prints the table and writes the JSON with device, versions and
+figures."""
 
 import json
 import subprocess

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.table4 import flop_rows, parameter_rows, table
+from pdfkernels.bench.table4 import flop_rows, parameter_rows, table
 
 
 def test_exact_parameter_counts():

@@ -9,7 +9,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from models.configs import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2vl
+from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2vl
 
 KINDS = ["qwen2vl", "llava-next-mistral", "llava-next-llama", "llava"]
 PAD = 0

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models import Aggregator
+from pdfkernels.models import Aggregator
 
 
 def test_weighted_sum_with_softmax_weights():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import models
+from pdfkernels import models
 from tests.models.builders import build_model
 
 

@@ -7,9 +7,8 @@ import torch
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-import models
-from models.patch import last_token, vision_tower
-from pdfkernels import backend
+from pdfkernels import backend, models
+from pdfkernels.models.patch import last_token, vision_tower
 from tests.models.builders import KINDS, build_inputs, build_model
 
 REFERENCE = {}  # what the independent reference attention reads: the prefix tensor and the path

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models import VCLUB
 from pdfkernels import reference
+from pdfkernels.models import VCLUB
 
 
 def test_architecture_matches_appendix():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train import synthetic
+from pdfkernels.train import synthetic
 
 _DATA: dict = {}
 

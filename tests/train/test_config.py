@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.config import TrainConfig, parse
+from pdfkernels.train.config import TrainConfig, parse
 
 
 def test_defaults_are_the_papers():

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from models.configs import tiny_qwen2vl
-from train import synthetic
-from train.data import IMAGE_PLACEHOLDER, ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
-from train.model import image_processor, local_tokenizer, set_special_ids
+from pdfkernels.models.configs import tiny_qwen2vl
+from pdfkernels.train import synthetic
+from pdfkernels.train.data import IMAGE_PLACEHOLDER, ImageLoader, Qwen2VLCollator, TrainSampler, load_rows
+from pdfkernels.train.model import image_processor, local_tokenizer, set_special_ids
 
 
 def test_generator_writes_mmeb_rows(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import train.run as run
+import pdfkernels.train.run as run
 from tests.train.helpers import run_args, shapes_data
 
 
@@ -74,7 +74,7 @@ def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
     out = run.main(args)
     params = {}
     if rank == 0:
-        from train.checkpoint import latest
+        from pdfkernels.train.checkpoint import latest
 
         params = torch.load(latest(args[args.index("--out-dir") + 1] + "/checkpoints"), weights_only=False)["model"]
     results[rank] = (out["history"], params)

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-import models
+from pdfkernels import models
+from pdfkernels.train import synthetic
+from pdfkernels.train.config import TrainConfig
+from pdfkernels.train.data import ImageLoader, TrainSampler, load_rows
+from pdfkernels.train.model import build, make_collator
+from pdfkernels.train.run import chunks, make_parts
+from pdfkernels.train.step import contrastive_loss, train_step
 from tests.train.helpers import shapes_data
-from train import synthetic
-from train.config import TrainConfig
-from train.data import ImageLoader, TrainSampler, load_rows
-from train.model import build, make_collator
-from train.run import chunks, make_parts
-from train.step import contrastive_loss, train_step
 
 
 def _setup(tmp_path_factory, chunk_size, **overrides):

@@ -1,0 +1,34 @@
+"""The distribution installs no generic top-level names, and the trainer runs as the mission writes it."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_only_the_pdfkernels_namespace(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"pdfkernels", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
+    for sub in ("models", "train", "bench"):
+        assert f"pdfkernels/{sub}/__init__.py" in names
+    assert "pdfkernels/train/configs/demo.yaml" in names
+
+
+def test_subpackages_import_without_generic_names():
+    code = ("import sys, pdfkernels.models, pdfkernels.train.run, pdfkernels.bench.common\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'train', 'bench')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_train_run_py_as_a_script_from_anywhere(tmp_path):
+    for cwd in (ROOT, tmp_path):
+        out = subprocess.run([sys.executable, str(ROOT / "train" / "run.py"), "--help"], cwd=cwd,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert "--global-batch" in out.stdout
