@@ -1,8 +1,19 @@
-"""Training checkpoints that are never lost: written to a temporary file and renamed, the last k kept, and
-everything needed to continue exactly (weights, both optimizers, scheduler, RNG states, the step)."""
+"""Training checkpoints that are never lost: written to a temporary file and renamed, verified on load, the
+last k of this run kept, and everything needed to continue exactly (weights, both optimizers, scheduler, RNG
+states, the step).
+
+Beside each ``step_N.pt`` a ``step_N.pt.json`` records its size, SHA-256 and the run it belongs to. Loading
+checks them; a damaged checkpoint (truncated, empty, unreadable) is set aside as ``step_N.pt.damaged`` with a
+warning naming it, and the previous intact one is used. Pruning only ever removes this run's older
+checkpoints, and a checkpoint is never written over a later one.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -10,18 +21,52 @@ from pathlib import Path
 
 import torch
 
-_NAME = re.compile(r"step_(\d+)\.pt$")
+log = logging.getLogger("pdf")
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or no intact one can be read; the message names the file."""
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save(folder: str | Path, step: int, parts, config, keep: int) -> Path:
+def step_of(path: str | Path) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
+
+
+def checksum_file(path: str | Path) -> Path:
+    return Path(str(path) + ".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _record(path: Path) -> dict:
+    try:
+        return json.loads(checksum_file(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = "") -> Path:
+    """Write the state after ``step`` steps; keep this run's last ``keep`` checkpoints (0: all)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    later = [p for p in checkpoints(folder) if step_of(p) > step]
+    if later:
+        raise CheckpointError(f"refusing to write step {step} into {folder}: it holds the later checkpoint "
+                              f"{later[-1].name}, which is never overwritten")
     state = {
         "step": step,
+        "run": run_id,
         "model": trainable_state(parts.model),
         "aggregator": parts.aggregator.state_dict() if parts.aggregator is not None else None,
         "estimator": parts.estimator.state_dict() if parts.estimator is not None else None,
@@ -34,16 +79,52 @@ def save(folder: str | Path, step: int, parts, config, keep: int) -> Path:
     }
     path = folder / f"step_{step:07d}.pt"
     tmp = folder / f".step_{step:07d}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
-    for old in sorted(checkpoints(folder))[:-keep] if keep > 0 else []:
-        old.unlink()
+    record_tmp = folder / f".step_{step:07d}.pt.json.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        record = {"step": step, "run": run_id, "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        record_tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
+        os.replace(record_tmp, checksum_file(path))
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        record_tmp.unlink(missing_ok=True)
+        if _disk_full(error):
+            raise CheckpointError(f"no space left on device while writing checkpoint {path}: the partial file "
+                                  f"was removed and earlier checkpoints are intact; free space, then --resume"
+                                  ) from error
+        raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
+    _prune(folder, keep, run_id)
     return path
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain (torch.save wraps the OSError of the write that failed)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _prune(folder: Path, keep: int, run_id: str) -> None:
+    """Remove this run's checkpoints beyond the last ``keep``; another run's files are never touched."""
+    if keep <= 0:
+        return
+    mine = [p for p in checkpoints(folder) if _record(p).get("run") == run_id]
+    for old in mine[:-keep]:
+        old.unlink()
+        checksum_file(old).unlink(missing_ok=True)
+
+
 def checkpoints(folder: str | Path) -> list[Path]:
+    """``step_*.pt`` files, by step."""
     folder = Path(folder)
-    return sorted(p for p in folder.glob("step_*.pt") if _NAME.search(p.name)) if folder.exists() else []
+    found = [p for p in folder.glob("step_*.pt") if _NAME.match(p.name)] if folder.exists() else []
+    return sorted(found, key=step_of)
 
 
 def latest(folder: str | Path) -> Path | None:
@@ -51,13 +132,62 @@ def latest(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def restore(path: str | Path, parts) -> int:
-    """Load a checkpoint into ``parts``; returns the step it was written after."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def damage(path: Path) -> str | None:
+    """Why ``path`` is not the file its checksum record describes, or None when it is (or has no record)."""
+    record = _record(path)
+    if not record:
+        return None
+    size = path.stat().st_size
+    if size != record.get("bytes"):
+        return f"{size} bytes, {record.get('bytes')} recorded"
+    if _sha256(path) != record.get("sha256"):
+        return "SHA-256 differs from the recorded one"
+    return None
+
+
+def load_latest_intact(folder: str | Path, set_aside: bool = True) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies and loads, with its state; None when the folder holds none.
+
+    Damaged ones are skipped with a warning naming them and (``set_aside``, one process only) renamed to
+    ``*.damaged`` so that they are neither loaded again nor overwritten. Raises when every one is damaged."""
+    damaged = []
+    for path in reversed(checkpoints(folder)):
+        try:
+            problem = damage(path)
+            if not checksum_file(path).exists():
+                log.warning("checkpoint %s has no checksum record %s: loading it unverified", path,
+                            checksum_file(path).name)
+            state = None if problem else torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # a truncated zip, an empty file, a file removed meanwhile
+            problem, state = f"cannot be read: {type(error).__name__}: {error}", None
+        if state is not None and not (isinstance(state, dict) and {"step", "model"} <= set(state)):
+            problem = "not a training checkpoint (no step/model entries)"
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
+            return path, state
+        damaged.append(f"{path.name} ({problem})")
+        log.warning("checkpoint %s is damaged (%s): falling back to the previous one", path, problem)
+        if set_aside:
+            path.replace(path.with_name(path.name + ".damaged"))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {folder}: {'; '.join(damaged)}. Start again with "
+                              f"--overwrite, or restore a copy")
+    return None
+
+
+def restore(path: str | Path, parts, state: dict | None = None) -> int:
+    """Load a checkpoint (or its already loaded ``state``) into ``parts``; returns the step it was written after."""
+    if state is None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
     params = dict(parts.model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
     if missing:
         raise ValueError(f"checkpoint {path} does not fit this model: unknown parameters {missing[:3]}")
+    wrong = [n for n, v in state["model"].items() if v.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {path} does not fit this model: parameter {wrong[0]} has shape "
+                         f"{tuple(state['model'][wrong[0]].shape)}, the model {tuple(params[wrong[0]].shape)}")
     with torch.no_grad():
         for name, value in state["model"].items():
             params[name].copy_(value)

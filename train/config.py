@@ -50,7 +50,8 @@ class TrainConfig:
     out_dir: str = "runs/pdf"
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool = False  # continue from the latest intact checkpoint in out_dir (train/resume.py)
+    overwrite: bool = False  # replace an earlier run's outputs in out_dir (otherwise such a folder is refused)
     stop_after: int = 0  # end this invocation after so many steps (checkpoint written); 0: run to the end
     evaluate: bool = True
     log_every: int = 1
@@ -64,9 +65,16 @@ class TrainConfig:
             self.lambda_mim = 0.0
         if self.no_path_loss:
             self.lambda_con = 0.0
-        for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1)):
-            if getattr(self, name) < low:
+        for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
+                          ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
+                          ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0)):
+            if not getattr(self, name) >= low:  # `not >=` also refuses NaN
                 raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+        if not 0 < self.temperature < float("inf"):  # InfoNCE divides by it: 0 gives NaN losses at once
+            raise ValueError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
+        if self.resume and self.overwrite:
+            raise ValueError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
+                             "or replace it)")
         if self.lora_r is None:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):

@@ -12,7 +12,6 @@ continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -33,10 +32,11 @@ import torch.distributed as dist  # noqa: E402
 
 from pdfkernels import models  # noqa: E402
 
-from . import checkpoint, synthetic
+from . import checkpoint, guards, outdir, resume, signals, synthetic
 from .config import TrainConfig, parse
 from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
+from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .step import Parts, train_step
 
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     rank, world_size, device = setup_distributed()
     if config.global_batch % world_size:
         raise ValueError(f"config: 'global_batch' ({config.global_batch}) must divide by the {world_size} ranks")
+    run_id = outdir.prepare(config, rank)  # before anything is written: refuses a folder holding another run
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     if not config.train_data:
@@ -111,64 +112,91 @@ def main(argv: list[str] | None = None) -> dict:
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"
-    start = 0
-    if config.resume and checkpoint.latest(ckpt_dir) is not None:
-        start = checkpoint.restore(checkpoint.latest(ckpt_dir), parts)
-        log.info("resumed from %s at step %d", checkpoint.latest(ckpt_dir), start)
+    start = resume.resume(ckpt_dir, parts, config, rank) if config.resume else 0
 
-    # a signal writes a checkpoint after the current step, then the run stops
-    stop = {"requested": False}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.update(requested=True))
+    def save(step: int) -> None:  # never a non-finite state (checked on every rank, so all stop together)
+        guards.check_state(parts, step)
+        if rank == 0:  # a failed write raises; earlier checkpoints stay intact
+            checkpoint.save(ckpt_dir, step, parts, config, config.keep_checkpoints, run_id)
+        saved.append(step)
 
+    # signals: see train/signals.py (deferred inside a step, at once in data loading and evaluation)
+    guard = signals.SignalGuard()
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     per_rank = config.global_batch // world_size
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    history = []
+    metrics_log = MetricsLog(out / "metrics.jsonl", start) if rank == 0 else None
+    history, saved = [], [start]
     step = start
     try:
         for step in range(start, config.steps):
             tick = time.perf_counter()
-            queries, targets = sampler.batch(step, config.global_batch)  # the same global batch on every rank
             mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            metrics = train_step(parts, chunks(collator, queries[mine], config.chunk_size, device),
-                                 chunks(collator, targets[mine], config.chunk_size, device), config, device)
+            try:
+                with guard.interruptible():
+                    queries, targets = sampler.batch(step, config.global_batch)  # the same batch on every rank
+                    query_chunks = chunks(collator, queries[mine], config.chunk_size, device)
+                    target_chunks = chunks(collator, targets[mine], config.chunk_size, device)
+            except signals.Interrupted as stop:
+                if saved[-1] < step:
+                    save(step)
+                log.info("stopping on %s while loading step %d's batch (state after step %d checkpointed)",
+                         signal.Signals(stop.signum).name, step + 1, step)
+                sys.exit(130)
+            metrics = train_step(parts, query_chunks, target_chunks, config, device)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
                            bad_images=loader.bad)
             history.append(metrics)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
+            if metrics_log is not None:
+                metrics_log.write(metrics)
                 if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                     done = (step + 1) / config.steps
                     bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
                     print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
                           f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            guards.check_step(metrics, step + 1)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
-            if rank == 0 and ((step + 1) % config.checkpoint_every == 0 or stop["requested"] or early):
-                checkpoint.save(ckpt_dir, step + 1, parts, config, config.keep_checkpoints)
-            if stop["requested"]:
+            if (step + 1) % config.checkpoint_every == 0 or guard.requested or early:
+                save(step + 1)
+            if guard.requested:
                 log.info("stopping on a signal after step %d (checkpoint written)", step + 1)
                 sys.exit(130)
             if early:
                 log.info("stopping after %d steps of this run (checkpoint written; --resume continues)",
                          config.stop_after)
                 return {"history": history, "eval": {}}
+        if saved[-1] < config.steps:
+            save(config.steps)
+        if rank == 0:
+            models.save_pdf(out / "pdf.safetensors", model, parts.aggregator, parts.estimator)
+        results = {}
+        if rank == 0 and config.evaluate and config.eval_data:
+            with guard.interruptible():  # weights are saved: a signal may stop evaluation at once
+                results = evaluate(model, collator, config, parts.aggregator, device, out)
+            print(markdown(results))
+    except signals.Interrupted as stop:  # a second signal inside a step, or one during evaluation
+        log.warning("stopping at once on %s during step %d; newest checkpoint: step %d",
+                    signal.Signals(stop.signum).name, step + 1, saved[-1])
+        sys.exit(130)
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    if rank == 0:
-        checkpoint.save(ckpt_dir, config.steps, parts, config, config.keep_checkpoints)
-        models.save_pdf(out / "pdf.safetensors", model, parts.aggregator, parts.estimator)
-    results = {}
-    if rank == 0 and config.evaluate and config.eval_data:
-        results = evaluate(model, collator, config, parts.aggregator, device, out)
-        print(markdown(results))
+        guard.restore()
+        if metrics_log is not None:
+            metrics_log.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"history": history, "eval": results}
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: a failure the trainer detected is one line on stderr and exit status 1."""
+    try:
+        main(argv)
+    except (guards.NonFiniteError, checkpoint.CheckpointError, resume.ResumeError, outdir.OutDirError) as error:
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

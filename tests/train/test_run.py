@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import pdfkernels.train.run as run
+from pdfkernels.train.checkpoint import checkpoints
 from tests.train.helpers import run_args, shapes_data
 
 
@@ -24,7 +25,8 @@ def test_short_run_writes_metrics_weights_checkpoints_and_eval(data, tmp_path):
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert {"loss", "loss_agg", "loss_path", "mi_estimate", "path_cosine", "lr", "samples_per_s"} <= set(lines[0])
     assert (tmp_path / "pdf.safetensors").exists()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000003.pt",
+                                                                           "step_0000003.pt.json"]
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert set(evaluation["average"]) == {"single", "aggregate", "none", "chance"}
     assert evaluation["average"]["chance"] == pytest.approx(0.1)
@@ -59,7 +61,7 @@ def test_sigterm_writes_a_checkpoint_before_exiting(data, tmp_path, monkeypatch)
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     assert info.value.code == 130
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000001.pt"]
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["step_0000001.pt"]
 
 
 def _free_port() -> int:
