@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,9 +29,9 @@ def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
         if module is not None:
             tensors.update({f"{name}.{k}": v.detach().contiguous().cpu() for k, v in module.state_dict().items()})
     meta = {"pdf": json.dumps(_describe(model))}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
+    # a fixed temporary name beside the file: one left by a kill is replaced by the next save, never piles up
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp")
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
