@@ -413,6 +413,7 @@ class _GaussianPathLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, mu, logvar, kind: str, group, use_triton: bool):
         n, b, d = y.shape
+        ctx.save_for_backward(y, mu, logvar)  # the inputs themselves: a double backward differentiates them
         y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
         stats = others = None
         others_count = 0
@@ -428,18 +429,38 @@ class _GaussianPathLoss(torch.autograd.Function):
         loss = forward(y, mu, logvar, stats, alpha, beta)
         if group is not None:
             dist.all_reduce(loss, group=group)
-        ctx.save_for_backward(y, mu, logvar)
         ctx.stats, ctx.others, ctx.others_count = stats, others, others_count
-        ctx.alpha, ctx.beta, ctx.use_triton = alpha, beta, use_triton
+        ctx.alpha, ctx.beta, ctx.use_triton, ctx.kind, ctx.group = alpha, beta, use_triton, kind, group
         return (loss + constant).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         y, mu, logvar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            return (*_differentiable_grads(ctx, y, mu, logvar, grad_out), None, None, None)
+        y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
         backward = _backward_triton if ctx.use_triton else _backward_torch
         grads = backward(y, mu, logvar, ctx.stats, ctx.others, ctx.others_count, ctx.alpha, ctx.beta,
                          grad_out.reshape(1))
         return (*grads, None, None, None)
+
+
+def _differentiable_grads(ctx, y, mu, logvar, grad_out) -> list[torch.Tensor | None]:
+    """Second-order gradients (``create_graph=True``, e.g. a gradient penalty): the first-order gradients as a
+    graph, by differentiating the same closed form evaluated with autograd (statistics included, which the
+    first-order formulas treat as given). O(N B d) memory; any device; never under torch.distributed, where
+    the statistics of the other ranks are constants to this rank's graph."""
+    if ctx.group is not None:
+        raise RuntimeError("mim_loss: second-order gradients (create_graph=True) are not supported under "
+                           "torch.distributed (the other ranks' statistics enter as constants); compute them "
+                           "without a process group")
+    n, b, d = y.shape
+    inputs = [t for t, need in zip((y, mu, logvar), ctx.needs_input_grad[:3]) if need]
+    with torch.enable_grad():
+        stats = _stats_torch(y, mu, logvar) if ctx.kind == "mim" else None
+        loss = _forward_torch(y, mu, logvar, stats, ctx.alpha, ctx.beta)
+        grads = iter(torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype), create_graph=True))
+    return [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
 
 
 def _resolve_group(group):

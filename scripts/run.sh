@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
-exec .venv/bin/python -m pdfkernels.train.run --config train/configs/demo.yaml "$@"
+# The demo folder (runs/demo) is replaced on every run, unless the flags say otherwise (--resume,
+# --overwrite or another --out-dir); the trainer itself refuses a folder holding an earlier run.
+replace=(--overwrite)
+for arg in "$@"; do
+  case "$arg" in --resume|--overwrite|--out-dir|--out-dir=*) replace=() ;; esac
+done
+exec .venv/bin/python -m pdfkernels.train.run --config train/configs/demo.yaml ${replace[@]+"${replace[@]}"} "$@"
