@@ -241,3 +241,34 @@ def test_sigterm_stops_a_hanging_batch_load_with_a_checkpoint(data, tmp_path, mo
         run.main(run_args(data, tmp_path, "--steps", "5", "--no-evaluate"))
     assert info.value.code == 130 and time.perf_counter() - tick < 120
     assert _names(tmp_path / "checkpoints") == ["step_0000001.pt"]
+
+
+def test_sigterm_stops_evaluation_at_once_after_the_weights_are_saved(data, tmp_path, monkeypatch):
+    def hanging_evaluation(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        while True:  # an evaluation that takes long: the signal must not wait for it
+            time.sleep(0.01)
+
+    monkeypatch.setattr(run, "evaluate", hanging_evaluation)
+    with pytest.raises(SystemExit) as info:
+        run.main(run_args(data, tmp_path, "--steps", "1"))
+    assert info.value.code == 130
+    assert (tmp_path / "pdf.safetensors").exists() and _names(tmp_path / "checkpoints") == ["step_0000001.pt"]
+
+
+def test_second_signal_inside_a_step_stops_at_once_without_a_checkpoint_of_that_step(data, tmp_path, monkeypatch):
+    original, calls = run.train_step, []
+
+    def step_interrupted_twice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred: the step would finish
+            os.kill(os.getpid(), signal.SIGTERM)  # the second stops at once
+            pytest.fail("the second signal did not interrupt the step")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train_step", step_interrupted_twice)
+    with pytest.raises(SystemExit) as info:
+        run.main(run_args(data, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-evaluate"))
+    assert info.value.code == 130 and len(calls) == 2
+    assert _names(tmp_path / "checkpoints") == ["step_0000001.pt"]
