@@ -6,8 +6,10 @@
 
 With no --train-data it trains on a generated MMEB-format shapes set (train/synthetic.py). Writes
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
-samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, last k kept; ``--resume``
+samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, verified, last k kept; ``--resume``
 continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
+On NaN, a reused folder, a changed resume, a damaged checkpoint, a signal or a full disk: README "Failure
+behaviour" (train/guards.py, outdir.py, resume.py, checkpoint.py, signals.py, metrics_log.py).
 """
 
 from __future__ import annotations
@@ -192,7 +194,6 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except (guards.NonFiniteError, checkpoint.CheckpointError, resume.ResumeError, outdir.OutDirError) as error:
-        log.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
