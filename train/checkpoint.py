@@ -77,6 +77,8 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "config": vars(config),
     }
+    for stale in folder.glob(".step_*.tmp"):  # left by a killed run (one process writes checkpoints)
+        stale.unlink(missing_ok=True)
     path = folder / f"step_{step:07d}.pt"
     tmp = folder / f".step_{step:07d}.pt.tmp"
     record_tmp = folder / f".step_{step:07d}.pt.json.tmp"
@@ -89,9 +91,11 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
         record_tmp.write_text(json.dumps(record))
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
         os.replace(record_tmp, checksum_file(path))
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+    except BaseException as error:  # a failed write, or a signal: no partial file stays behind
         tmp.unlink(missing_ok=True)
         record_tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise
         if _disk_full(error):
             raise CheckpointError(f"no space left on device while writing checkpoint {path}: the partial file "
                                   f"was removed and earlier checkpoints are intact; free space, then --resume"

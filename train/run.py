@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
                 results = evaluate(model, collator, config, parts.aggregator, device, out)
             print(markdown(results))
     except signals.Interrupted as stop:  # a second signal inside a step, or one during evaluation
-        log.warning("stopping at once on %s during step %d; newest checkpoint: step %d",
-                    signal.Signals(stop.signum).name, step + 1, saved[-1])
+        log.warning("stopping at once on %s; newest checkpoint: step %d", signal.Signals(stop.signum).name,
+                    saved[-1])
         sys.exit(130)
     finally:
         guard.restore()

@@ -159,6 +159,7 @@ def test_empty_checkpoint_is_skipped_and_all_damaged_is_an_error(tmp_path):
 @pytest.mark.parametrize("wrapped", [False, True], ids=["oserror", "torch-wrapped"])
 def test_full_disk_removes_the_partial_file_and_says_no_space_left(tmp_path, monkeypatch, wrapped):
     parts = _tiny_parts()
+    (tmp_path / ".step_0000007.pt.tmp").write_bytes(b"left by a kill -9")
     checkpoint.save(tmp_path, 1, parts, TrainConfig(), keep=2, run_id="r")
 
     def full_disk(state, f):
@@ -176,6 +177,17 @@ def test_full_disk_removes_the_partial_file_and_says_no_space_left(tmp_path, mon
         checkpoint.save(tmp_path, 2, parts, TrainConfig(), keep=2, run_id="r")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000001.pt", "step_0000001.pt.json"]
     assert checkpoint.damage(tmp_path / "step_0000001.pt") is None
+
+
+def test_signal_during_a_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def interrupted(state, f):
+        f.write(b"partial")
+        raise signals.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(signals.Interrupted):
+        checkpoint.save(tmp_path, 1, _tiny_parts(), TrainConfig(), keep=2, run_id="r")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_metrics_lines_are_strict_json_and_trim_drops_later_and_torn_lines(tmp_path):
