@@ -56,7 +56,6 @@ def apply_optimisation_settings(parts, config) -> None:
         group["weight_decay"] = config.weight_decay
         group["initial_lr"] = scheduler.base_lrs[i] = config.lr
         group["lr"] = config.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)  # as LambdaLR computes it
-    scheduler._last_lr = [group["lr"] for group in parts.optimizer.param_groups]
     if parts.estimator_optimizer is not None:
         for group in parts.estimator_optimizer.param_groups:
             group["lr"] = config.estimator_lr
