@@ -21,6 +21,8 @@ rows to one partial (summed on the host in a fixed order: deterministic, no atom
 backward. Everything accumulates in fp32 whatever the input dtype. With a process group the statistics of
 every rank are gathered (O(world * N * d) floats, never the embeddings), so the negatives span all ranks'
 samples and each rank's gradients are the exact gradients of the global loss with respect to its inputs.
+Second-order gradients (``create_graph=True``) differentiate the same closed form evaluated with autograd,
+in one process (``_differentiable_grads``).
 """
 
 from __future__ import annotations
@@ -454,7 +456,6 @@ def _differentiable_grads(ctx, y, mu, logvar, grad_out) -> list[torch.Tensor | N
         raise RuntimeError("mim_loss: second-order gradients (create_graph=True) are not supported under "
                            "torch.distributed (the other ranks' statistics enter as constants); compute them "
                            "without a process group")
-    n, b, d = y.shape
     inputs = [t for t, need in zip((y, mu, logvar), ctx.needs_input_grad[:3]) if need]
     with torch.enable_grad():
         stats = _stats_torch(y, mu, logvar) if ctx.kind == "mim" else None
