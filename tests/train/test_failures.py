@@ -87,15 +87,17 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 # --- item 7: a new run in an old run's folder -------------------------------------------------------------
 
 def test_used_folder_is_refused_and_overwrite_replaces_the_old_run(data, tmp_path):
-    run.main(run_args(data, tmp_path, "--steps", "2", "--no-evaluate"))
+    run.main(run_args(data, tmp_path, "--steps", "2", "--stop-after", "1", "--no-evaluate"))
     before = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(outdir.OutDirError, match=r"holds an earlier run .*--resume.*--overwrite"):
-        run.main(run_args(data, tmp_path, "--steps", "1", "--no-evaluate"))
+        run.main(run_args(data, tmp_path, "--steps", "3", "--no-evaluate"))
     assert (tmp_path / "metrics.jsonl").read_text() == before and _names(tmp_path / "checkpoints") == [
-        "step_0000002.pt"]
+        "step_0000001.pt"]
+    old_run = json.loads((tmp_path / outdir.RUN_FILE).read_text())["run"]
     run.main(run_args(data, tmp_path, "--steps", "1", "--no-evaluate", "--overwrite"))
     assert [m["step"] for m in _strict_lines(tmp_path / "metrics.jsonl")] == [1]
     assert _names(tmp_path / "checkpoints") == ["step_0000001.pt"]
+    assert json.loads((tmp_path / outdir.RUN_FILE).read_text())["run"] != old_run
 
 
 def test_pruning_keeps_other_runs_checkpoints_and_never_overwrites_a_later_one(tmp_path):
@@ -130,16 +132,16 @@ def test_resume_refuses_fixed_changes_applies_lr_and_never_goes_back(data, tmp_p
 # --- item 10: damaged checkpoints, a full disk, metrics, settings ----------------------------------------
 
 def test_truncated_latest_checkpoint_falls_back_and_metrics_are_trimmed(data, tmp_path, caplog):
-    args = ("--steps", "3", "--checkpoint-every", "1", "--no-evaluate")
-    first = run.main(run_args(data, tmp_path, *args, "--stop-after", "2"))["history"]
+    args = ("--steps", "2", "--checkpoint-every", "1", "--no-evaluate")
+    first = run.main(run_args(data, tmp_path, *args))["history"]
     latest = tmp_path / "checkpoints" / "step_0000002.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     caplog.set_level("WARNING", logger="pdf")
     second = run.main(run_args(data, tmp_path, *args, "--resume"))["history"]
     assert "step_0000002.pt is damaged" in caplog.text
-    assert [m["step"] for m in second] == [2, 3]  # continued from step 1
+    assert [m["step"] for m in second] == [2]  # continued from step 1
     assert second[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
-    assert [m["step"] for m in _strict_lines(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert [m["step"] for m in _strict_lines(tmp_path / "metrics.jsonl")] == [1, 2]
     assert (latest.parent / "step_0000002.pt.damaged").exists()
 
 
