@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # signals: see train/signals.py (deferred inside a step, at once in data loading and evaluation)
     guard = signals.SignalGuard()
+    gradients = guards.GradientGuard(parts)  # a non-finite gradient skips the update and stops the run
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     per_rank = config.global_batch // world_size
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
                     bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
                     print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
                           f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
-            guards.check_step(metrics, step + 1)
+            guards.check_step(metrics, step + 1, gradients.bad)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
             if (step + 1) % config.checkpoint_every == 0 or guard.requested or early:
                 save(step + 1)

@@ -74,6 +74,18 @@ def test_check_step_names_the_first_non_finite_term():
     guards.check_step({"loss": 1.0, "grad_norm": 3.0}, 7)  # finite: no error
 
 
+def test_non_finite_gradient_skips_the_update_and_is_reported():
+    parts = _tiny_parts()
+    gradients = guards.GradientGuard(parts)
+    before = parts.model.weight.detach().clone()
+    parts.model(torch.ones(1, 3)).sum().backward()
+    parts.model.bias.grad[0] = float("nan")
+    parts.optimizer.step()
+    assert torch.equal(parts.model.weight, before) and gradients.bad == "gradient of model weight bias"
+    with pytest.raises(guards.NonFiniteError, match=r"step 3: non-finite gradient of model weight bias"):
+        guards.check_step({"loss": 1.0}, 3, gradients.bad)
+
+
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     parts = _tiny_parts()
     checkpoint.save(tmp_path, 1, parts, TrainConfig(), keep=1, run_id="r")
