@@ -37,6 +37,7 @@ from . import checkpoint, synthetic
 from .config import TrainConfig, parse
 from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
+from .metrics import NegativeMIWatch, progress_fields
 from .model import build, make_collator
 from .step import Parts, train_step
 
@@ -77,7 +78,7 @@ def lr_schedule(config: TrainConfig):
 def make_parts(config: TrainConfig, model, device) -> Parts:
     hidden = models.patch._hf_model(model).config.text_config.hidden_size
     aggregator = models.Aggregator(hidden, config.num_paths).to(device) if config.num_paths > 1 else None
-    estimator = models.VCLUB(hidden).to(device) if config.uses_mim else None
+    estimator = models.VCLUB(hidden).to(device) if config.trains_estimator else None
     params = [p for p in model.parameters() if p.requires_grad]
     params += list(aggregator.parameters()) if aggregator is not None else []
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_rank = config.global_batch // world_size
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     history = []
+    mi_watch = NegativeMIWatch(config.mi_negative_run, config.mi_warn_every)
     step = start
     try:
         for step in range(start, config.steps):
@@ -138,13 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
                            bad_images=loader.bad)
             history.append(metrics)
             if metrics_file is not None:
+                mi_watch.update(metrics)
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                     done = (step + 1) / config.steps
                     bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
-                          f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} {progress_fields(metrics)} "
+                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
             if rank == 0 and ((step + 1) % config.checkpoint_every == 0 or stop["requested"] or early):
                 checkpoint.save(ckpt_dir, step + 1, parts, config, config.keep_checkpoints)
