@@ -8,7 +8,9 @@ overriding its 400 (the warm-up and linear decay follow). lambda_MIM = 0 runs wi
 estimator is trained as a probe with the same K, so those rows show what the MI estimate reads when nothing
 pushes against it. Runs go seed by seed (every setting of seed 0 first), so a partial grid is already usable,
 and a run whose ``eval.json`` exists is skipped, so the command resumes. All runs share one generated shapes
-set. At the end ``mim_grid_report`` writes the table and the plot into ``--results``. Not part of CI.
+set; each runs with ``--threads`` torch threads (default one: on a shared CPU two threads per process
+spin against the other load, 20x slower here). At the end ``mim_grid_report`` writes the table and the
+plot into ``--results``. Not part of CI.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 1e-4, 1e-2, 1.0])
     parser.add_argument("--estimator-steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (one avoids spinning threads on a shared CPU)")
     parser.add_argument("--runs", type=Path, default=Path("/tmp/mim-grid"), help="run folders (large)")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "mim-grid",
                         help="table, plot and summary (small, committed)")
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = TrainConfig(out_dir=str(args.runs))
     default_data(data, rank=0)  # the demo's generated shapes set, once for every run
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": str(args.threads)}
     for seed, lam, k in itertools.product(args.seeds, args.lambdas, args.estimator_steps):
         out = args.runs / run_name(lam, k, seed)
         if (out / "eval.json").exists():
