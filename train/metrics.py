@@ -2,8 +2,9 @@
 
 Does MIM keep the paths apart, or does the backbone fool a lagging estimator? The embedding cosine between
 paths (``losses.path_cosine``) alone cannot tell; these add the cosine between the paths' prefix parameters,
-the mean embedding norm per path (the cosine InfoNCE ignores norms, the Gaussian estimator does not), and a
-warning when the MI estimate stays negative (then it is no upper bound: the estimator does not fit q(h_i|h_j)).
+the cosine between their updates since the start, the mean embedding norm per path (the cosine InfoNCE ignores
+norms, the Gaussian estimator does not), and a warning when the MI estimate stays negative (then it is no upper
+bound: the estimator does not fit q(h_i|h_j)).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from pdfkernels import models
 
 log = logging.getLogger("pdf")
 
@@ -37,12 +40,29 @@ def embedding_norms(reps: torch.Tensor) -> dict[str, torch.Tensor]:
 def progress_fields(metrics: dict) -> str:
     """The diagnostic part of the progress line: only the terms this run records."""
     fields = [("cos", "path_cosine", ".3f"), ("prefix cos", "prefix_cosine", ".3f"),
+              ("update cos", "prefix_update_cosine", ".3f"),
               ("est", "loss_estimator", ".2f"), ("MI", "mi_estimate", ".3f")]
     text = " ".join(f"{label} {metrics[key]:{fmt}}" for label, key, fmt in fields if key in metrics)
     norms = [metrics[k] for k in sorted(metrics) if k.startswith("emb_norm_")]
     if norms:
         text += " |h| " + "/".join(f"{v:.2f}" for v in norms)
     return text
+
+
+class RunDiagnostics:
+    """What needs state across steps, fed every step's metrics on the logging rank: the cosine between the
+    paths' prefix *updates* since this run started (``prefix_update_cosine``; the independent random draws
+    dominate ``prefix_cosine`` while the updates are small next to them) and the negative-MI warning."""
+
+    def __init__(self, config, model: torch.nn.Module):
+        self.prefix = models.pdf_parameters(model)[0] if config.prefix_len else None
+        self.start = self.prefix.detach().clone() if self.prefix is not None else None
+        self.mi_watch = NegativeMIWatch(config.mi_negative_run, config.mi_warn_every)
+
+    def update(self, metrics: dict) -> None:
+        if self.prefix is not None:
+            metrics["prefix_update_cosine"] = float(prefix_cosine(self.prefix.detach() - self.start))
+        self.mi_watch.update(metrics)
 
 
 class NegativeMIWatch:

@@ -37,7 +37,7 @@ from . import checkpoint, synthetic
 from .config import TrainConfig, parse
 from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
-from .metrics import NegativeMIWatch, progress_fields
+from .metrics import RunDiagnostics, progress_fields
 from .model import build, make_collator
 from .step import Parts, train_step
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_rank = config.global_batch // world_size
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     history = []
-    mi_watch = NegativeMIWatch(config.mi_negative_run, config.mi_warn_every)
+    diagnostics = RunDiagnostics(config, model)
     step = start
     try:
         for step in range(start, config.steps):
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                            bad_images=loader.bad)
             history.append(metrics)
             if metrics_file is not None:
-                mi_watch.update(metrics)
+                diagnostics.update(metrics)
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
                 if (step + 1) % config.log_every == 0 or step + 1 == config.steps:

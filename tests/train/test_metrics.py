@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdfkernels.train.metrics import NegativeMIWatch, embedding_norms, prefix_cosine, progress_fields
+from pdfkernels.train.config import TrainConfig
+from pdfkernels.train.metrics import NegativeMIWatch, RunDiagnostics, embedding_norms, prefix_cosine, progress_fields
 
 
 @pytest.mark.parametrize("num_paths", [2, 3])
@@ -63,3 +64,24 @@ def test_progress_fields_show_only_recorded_terms():
             "emb_norm_0": 7.9, "emb_norm_1": 8.04}
     assert progress_fields(full) == "cos 0.987 prefix cos -0.031 est 80.12 MI -1.500 |h| 7.90/8.04"
     assert progress_fields({"path_cosine": 0.5, "emb_norm_0": 2.0}) == "cos 0.500 |h| 2.00"
+
+
+def test_run_diagnostics_prefix_update_cosine_equals_a_direct_computation(caplog):
+    holder = torch.nn.Module()
+    holder.pdf_prefix = torch.nn.Parameter(torch.randn(3, 2, 2, 1, 4, 8))  # [layers, N, 2, Hkv, K, D]
+    start = holder.pdf_prefix.detach().clone()
+    diagnostics = RunDiagnostics(TrainConfig(prefix_len=4, mi_negative_run=1, mi_warn_every=1), holder)
+    first = {"step": 1, "mi_estimate": 0.5}
+    diagnostics.update(first)
+    assert first["prefix_update_cosine"] == 0.0  # nothing moved yet
+    shared = torch.randn(3, 2, 1, 4, 8)
+    with torch.no_grad():
+        holder.pdf_prefix[:, 0] += shared + 0.5 * torch.randn_like(shared)
+        holder.pdf_prefix[:, 1] += shared + 0.5 * torch.randn_like(shared)
+    second = {"step": 2, "mi_estimate": -0.5}
+    with caplog.at_level(logging.WARNING, logger="pdf"):
+        diagnostics.update(second)
+    moved = holder.pdf_prefix.detach() - start
+    direct = F.cosine_similarity(moved[:, 0].flatten(), moved[:, 1].flatten(), dim=0)
+    assert second["prefix_update_cosine"] == pytest.approx(direct.item(), rel=1e-5)
+    assert "step 2: the vCLUB MI estimate has been negative for 1 steps" in caplog.text

@@ -22,7 +22,7 @@ def test_negative_mi_is_warned_and_diagnostics_are_recorded(tmp_path_factory, tm
                           "--estimator-lr", "0", "--mi-negative-run", "2", "--mi-warn-every", "1"))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(m["mi_estimate"] < 0 for m in lines)
-    assert {"prefix_cosine", "emb_norm_0", "emb_norm_1", "loss_estimator"} <= set(lines[0])
+    assert {"prefix_cosine", "prefix_update_cosine", "emb_norm_0", "emb_norm_1", "loss_estimator"} <= set(lines[0])
     warned = [r.getMessage() for r in caplog.records if "MI estimate has been negative" in r.getMessage()]
     assert [w.split(":")[0] for w in warned] == ["step 2", "step 3"]
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
