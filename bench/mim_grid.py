@@ -7,7 +7,8 @@ Each setting is one ``pdfkernels.train.run`` process on ``train/configs/demo.yam
 overriding its 400 (the warm-up and linear decay follow). lambda_MIM = 0 runs with ``--track-mi``: the
 estimator is trained as a probe with the same K, so those rows show what the MI estimate reads when nothing
 pushes against it. Runs go seed by seed (every setting of seed 0 first), so a partial grid is already usable,
-and a run whose ``eval.json`` exists is skipped, so the command resumes. All runs share one generated shapes
+and a run whose ``eval.json`` exists is skipped, so the command resumes; two processes on one ``--runs``
+folder split the runs between them. All runs share one generated shapes
 set; each runs with ``--threads`` torch threads (default one: on a shared CPU two threads per process
 spin against the other load, 20x slower here). At the end ``mim_grid_report`` writes the table and the
 plot into ``--results``. Not part of CI.
@@ -45,6 +46,27 @@ def train_args(lambda_mim: float, estimator_steps: int, seed: int, steps: int, d
     return args + (["--track-mi"] if lambda_mim == 0 else [])
 
 
+def claim(out: Path) -> bool:
+    """Take a run for this process unless another live grid process holds it: several ``mim_grid`` processes
+    on one ``--runs`` folder share the work."""
+    out.mkdir(parents=True, exist_ok=True)
+    holder = out / "claim"
+    try:
+        fd = os.open(holder, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(holder.read_text() or 0), 0)
+            return False  # its holder is alive
+        except PermissionError:
+            return False  # alive, another user's
+        except (ProcessLookupError, ValueError):
+            holder.unlink(missing_ok=True)  # a dead holder's run starts over
+            return claim(out)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -64,11 +86,10 @@ def main(argv: list[str] | None = None) -> None:
            "OMP_NUM_THREADS": str(args.threads)}
     for seed, lam, k in itertools.product(args.seeds, args.lambdas, args.estimator_steps):
         out = args.runs / run_name(lam, k, seed)
-        if (out / "eval.json").exists():
+        if (out / "eval.json").exists() or not claim(out):
             continue
         if (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()  # an interrupted run starts over rather than appending
-        out.mkdir(parents=True, exist_ok=True)
         tick = time.perf_counter()
         with open(out / "log.txt", "w") as log:
             subprocess.run([sys.executable, "-m", "pdfkernels.train.run",
