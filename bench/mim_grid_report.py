@@ -4,7 +4,8 @@
 
 Writes ``table.md`` (one row per lambda_MIM x estimator steps, means over the finished seeds), ``summary.json``
 (every run's figures) and, when matplotlib is installed (``pip install -e ".[plot]"``), ``mim-grid.png``:
-embedding cosine, prefix cosine and MI estimate over the steps, one line per setting (mean over seeds).
+the cosine between the paths' embeddings, prefix parameters and prefix updates and the MI estimate over the
+steps, one line per setting (mean over seeds).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import statistics
 from pathlib import Path
 
 NAME = re.compile(r"lam(?P<lam>[0-9.e+-]+)_k(?P<k>\d+)_seed(?P<seed>\d+)$")
-CURVES = (("path_cosine", "embedding cosine between paths"), ("prefix_cosine", "cosine between prefix parameters"),
-          ("mi_estimate", "vCLUB MI estimate"))
+CURVES = (("path_cosine", "cosine between the paths' embeddings"),
+          ("prefix_cosine", "cosine between the paths' prefix parameters"),
+          ("prefix_update_cosine", "cosine between the paths' prefix updates"),
+          ("mi_estimate", "vCLUB MI estimate (symlog)"))
 
 
 def _tail(values: list[float]) -> float:
@@ -40,6 +43,7 @@ def load_run(folder: Path) -> dict | None:
             "steps": len(steps), "p1": {m: 100 * average[m] for m in ("single", "aggregate", "none")},
             "path_cosine": _tail(series["path_cosine"]), "path_cosine_min": min(series["path_cosine"]),
             "prefix_cosine_start": series["prefix_cosine"][0], "prefix_cosine": _tail(series["prefix_cosine"]),
+            "prefix_update_cosine": _tail(series["prefix_update_cosine"]),
             "mi_estimate": _tail(mi) if mi else None, "mi_estimate_min": min(mi) if mi else None,
             "mi_negative_share": sum(v < 0 for v in mi) / len(mi) if mi else None,
             "loss_estimator": _tail(series["loss_estimator"]) if "loss_estimator" in series else None,
@@ -65,8 +69,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def table(settings: dict[tuple[float, int], list[dict]]) -> str:
     lines = ["| λ_MIM | K | seeds | P@1 single | P@1 aggregate | P@1 none | emb cos (last 10%) | emb cos min | "
-             "prefix cos start → end | MI est. (last 10%) | MI est. min | steps MI < 0 | est. loss (last 10%) | "
-             "mean ‖h‖ |", "|---" * 14 + "|"]
+             "prefix cos start → end | prefix update cos | MI est. (last 10%) | MI est. min | steps MI < 0 | "
+             "est. loss (last 10%) | mean ‖h‖ |", "|---" * 15 + "|"]
     for (lam, k), runs in settings.items():
         p1 = [" – ".join(f"{v:.0f}" for v in (min(vals), max(vals))) if len(vals) > 1 else "" for vals in
               ([r["p1"][m] for r in runs] for m in ("single", "aggregate", "none"))]
@@ -75,6 +79,7 @@ def table(settings: dict[tuple[float, int], list[dict]]) -> str:
                  *(f"{m:.1f} ({span})" if span else f"{m:.1f}" for m, span in zip(means, p1)),
                  _fmt(_mean(runs, "path_cosine"), ".3f"), _fmt(_mean(runs, "path_cosine_min"), ".3f"),
                  f"{_mean(runs, 'prefix_cosine_start'):.3f} → {_mean(runs, 'prefix_cosine'):.3f}",
+                 _fmt(_mean(runs, "prefix_update_cosine"), ".3f"),
                  _fmt(_mean(runs, "mi_estimate"), ".3g"), _fmt(_mean(runs, "mi_estimate_min"), ".3g"),
                  _fmt(None if _mean(runs, "mi_negative_share") is None else 100 * _mean(runs, "mi_negative_share"),
                       ".0f") + ("%" if _mean(runs, "mi_negative_share") is not None else ""),
@@ -100,8 +105,8 @@ def plot(settings: dict[tuple[float, int], list[dict]], path: Path) -> bool:
     lambdas = sorted({lam for lam, _ in settings})
     colors = dict(zip(lambdas, plt.get_cmap("viridis")([i / max(1, len(lambdas) - 1) for i in
                                                         range(len(lambdas))])))
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
-    for ax, (key, title) in zip(axes, CURVES):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (key, title) in zip(axes.flat, CURVES):
         for (lam, k), runs in settings.items():
             curves = [r["curves"][key] for r in runs if key in r["curves"]]
             if not curves:
@@ -116,7 +121,7 @@ def plot(settings: dict[tuple[float, int], list[dict]], path: Path) -> bool:
         if key == "mi_estimate":
             ax.set_yscale("symlog", linthresh=0.1)
             ax.axhline(0, color="black", linewidth=0.8)
-    axes[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
