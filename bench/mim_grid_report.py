@@ -103,8 +103,7 @@ def plot(settings: dict[tuple[float, int], list[dict]], path: Path) -> bool:
     except ImportError:
         return False
     lambdas = sorted({lam for lam, _ in settings})
-    colors = dict(zip(lambdas, plt.get_cmap("viridis")([i / max(1, len(lambdas) - 1) for i in
-                                                        range(len(lambdas))])))
+    colors = {lam: plt.get_cmap("tab10")(i) for i, lam in enumerate(lambdas)}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, (key, title) in zip(axes.flat, CURVES):
         for (lam, k), runs in settings.items():
