@@ -29,6 +29,14 @@ def _tail(values: list[float]) -> float:
     return statistics.fmean(values[-window:])
 
 
+def _longest_negative_run(values: list[float]) -> int:
+    longest = current = 0
+    for v in values:
+        current = current + 1 if v < 0 else 0
+        longest = max(longest, current)
+    return longest
+
+
 def load_run(folder: Path) -> dict | None:
     """One finished run's figures, or None while it has no evaluation yet."""
     match = NAME.match(folder.name)
@@ -46,6 +54,7 @@ def load_run(folder: Path) -> dict | None:
             "prefix_update_cosine": _tail(series["prefix_update_cosine"]),
             "mi_estimate": _tail(mi) if mi else None, "mi_estimate_min": min(mi) if mi else None,
             "mi_negative_share": sum(v < 0 for v in mi) / len(mi) if mi else None,
+            "mi_negative_run": _longest_negative_run(mi) if mi else None,
             "loss_estimator": _tail(series["loss_estimator"]) if "loss_estimator" in series else None,
             "emb_norm": _tail([statistics.fmean(v) for v in zip(*(series[k] for k in norms))]),
             "curves": {key: series[key] for key, _ in CURVES if key in series}}
@@ -70,7 +79,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def table(settings: dict[tuple[float, int], list[dict]]) -> str:
     lines = ["| λ_MIM | K | seeds | P@1 single | P@1 aggregate | P@1 none | emb cos (last 10%) | emb cos min | "
              "prefix cos start → end | prefix update cos | MI est. (last 10%) | MI est. min | steps MI < 0 | "
-             "est. loss (last 10%) | mean ‖h‖ |", "|---" * 15 + "|"]
+             "longest MI < 0 run | est. loss (last 10%) | mean ‖h‖ |", "|---" * 16 + "|"]
     for (lam, k), runs in settings.items():
         p1 = [" – ".join(f"{v:.0f}" for v in (min(vals), max(vals))) if len(vals) > 1 else "" for vals in
               ([r["p1"][m] for r in runs] for m in ("single", "aggregate", "none"))]
@@ -83,6 +92,7 @@ def table(settings: dict[tuple[float, int], list[dict]]) -> str:
                  _fmt(_mean(runs, "mi_estimate"), ".3g"), _fmt(_mean(runs, "mi_estimate_min"), ".3g"),
                  _fmt(None if _mean(runs, "mi_negative_share") is None else 100 * _mean(runs, "mi_negative_share"),
                       ".0f") + ("%" if _mean(runs, "mi_negative_share") is not None else ""),
+                 _fmt(_mean(runs, "mi_negative_run"), ".0f"),
                  _fmt(_mean(runs, "loss_estimator"), ".1f"), _fmt(_mean(runs, "emb_norm"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -55,7 +55,8 @@ def test_report_figures_follow_from_the_runs(tmp_path):
     first = summary[0]
     assert first["path_cosine"] == pytest.approx(0.8) and first["path_cosine_min"] == 0.5
     assert first["mi_negative_share"] == pytest.approx(0.2) and first["emb_norm"] == pytest.approx(3.0)
+    assert (first["mi_negative_run"], summary[1]["mi_negative_run"]) == (4, 20)
     (row,) = [line for line in (tmp_path / "out" / "table.md").read_text().splitlines() if line.startswith("| 1 ")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["1", "5", "2", "70.0 (60 – 80)"]
-    assert cells[12] == "60%"  # steps with MI < 0: (20% + 100%) / 2
+    assert cells[12:14] == ["60%", "12"]  # steps with MI < 0: (20% + 100%) / 2; longest run (4 + 20) / 2
