@@ -32,6 +32,11 @@ class TrainConfig:
     # optimisation
     lr: float = 2e-5
     estimator_lr: float = 1e-4
+    # the vCLUB estimator and its diagnostics (train/metrics.py)
+    estimator_steps: int = 1  # estimator updates per step on the same detached embeddings (CLUB's code: 5)
+    track_mi: bool = False  # with lambda_mim = 0: still train the estimator and report the MI estimate (a probe)
+    mi_negative_run: int = 20  # warn when the MI estimate has been negative for this many steps in a row ...
+    mi_warn_every: int = 100  # ... and again every so many steps while it stays negative
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # as VLM2Vec's Hugging Face Trainer; 0 disables clipping
     steps: int = 2000
@@ -67,7 +72,8 @@ class TrainConfig:
             self.lambda_con = 0.0
         for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
                           ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
-                          ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0)):
+                          ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0),
+                          ("estimator_steps", 1), ("mi_negative_run", 1), ("mi_warn_every", 1)):
             if not getattr(self, name) >= low:  # `not >=` also refuses NaN
                 raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.temperature < float("inf"):  # InfoNCE divides by it: 0 gives NaN losses at once
@@ -86,6 +92,10 @@ class TrainConfig:
     @property
     def uses_mim(self) -> bool:
         return self.num_paths > 1 and self.lambda_mim > 0
+
+    @property
+    def trains_estimator(self) -> bool:
+        return self.uses_mim or (self.num_paths > 1 and self.track_mi)
 
 
 def _load_file(path: str) -> dict:

@@ -38,6 +38,7 @@ from . import checkpoint, guards, outdir, resume, signals, synthetic
 from .config import TrainConfig, parse
 from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
+from .metrics import RunDiagnostics, progress_fields
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .step import Parts, train_step
@@ -79,7 +80,7 @@ def lr_schedule(config: TrainConfig):
 def make_parts(config: TrainConfig, model, device) -> Parts:
     hidden = models.patch._hf_model(model).config.text_config.hidden_size
     aggregator = models.Aggregator(hidden, config.num_paths).to(device) if config.num_paths > 1 else None
-    estimator = models.VCLUB(hidden).to(device) if config.uses_mim else None
+    estimator = models.VCLUB(hidden).to(device) if config.trains_estimator else None
     params = [p for p in model.parameters() if p.requires_grad]
     params += list(aggregator.parameters()) if aggregator is not None else []
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_rank = config.global_batch // world_size
     metrics_log = MetricsLog(out / "metrics.jsonl", start) if rank == 0 else None
     history, saved = [], [start]
+    diagnostics = RunDiagnostics(config, model)
     step = start
     try:
         for step in range(start, config.steps):
@@ -151,12 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
                            bad_images=loader.bad)
             history.append(metrics)
             if metrics_log is not None:
+                diagnostics.update(metrics)
                 metrics_log.write(metrics)
                 if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                     done = (step + 1) / config.steps
                     bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
-                          f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} {progress_fields(metrics)} "
+                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
             guards.check_step(metrics, step + 1, gradients.bad)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
             if (step + 1) % config.checkpoint_every == 0 or guard.requested or early:

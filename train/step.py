@@ -2,7 +2,7 @@
 
 1. Chunked forward without gradients: embeddings ``[N, B, d]`` of queries and targets for every path, the
    RNG state of each chunk saved.
-2. Stage 1: the vCLUB estimator takes its own step on the detached embeddings (Eq. 4).
+2. Stage 1: the vCLUB estimator takes ``estimator_steps`` steps on the same detached embeddings (Eq. 4).
 3. Stage 2, estimator frozen: loss = InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i)
    + lambda_mim * MIM (Eqs. 5-8) on the cached embeddings (global batch across ranks); its gradients with
    respect to the embeddings are cached.
@@ -20,6 +20,7 @@ import torch
 from pdfkernels import models
 
 from .losses import gather, info_nce, path_cosine, world
+from .metrics import embedding_norms, prefix_cosine
 
 
 @dataclass
@@ -86,6 +87,20 @@ def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config) -> tu
     return agg + config.lambda_con * per_path, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
 
 
+def estimator_updates(parts: Parts, q: torch.Tensor, t: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` estimator updates (Eq. 4) on the same detached query and target embeddings; returns the loss
+    before the first update (the estimator's fit to this fresh batch, comparable whatever ``steps``)."""
+    first = None
+    for _ in range(steps):
+        parts.estimator_optimizer.zero_grad(set_to_none=True)
+        est = (parts.estimator.estimator_loss(q) + parts.estimator.estimator_loss(t)) / 2
+        est.backward()
+        average_gradients(parts.estimator_optimizer)
+        parts.estimator_optimizer.step()
+        first = est.detach() if first is None else first
+    return first
+
+
 def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict], config,
                device: torch.device) -> dict:
     paths = _paths(config)
@@ -95,13 +110,11 @@ def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict]
     metrics: dict = {}
 
     # stage 1: the estimator learns q(h_i | h_j) on detached embeddings of this rank
-    if config.uses_mim:
-        parts.estimator_optimizer.zero_grad(set_to_none=True)
-        est = (parts.estimator.estimator_loss(q_local) + parts.estimator.estimator_loss(t_local)) / 2
-        est.backward()
-        average_gradients(parts.estimator_optimizer)
-        parts.estimator_optimizer.step()
-        metrics["loss_estimator"] = est.detach()
+    if config.trains_estimator:
+        metrics["loss_estimator"] = estimator_updates(parts, q_local, t_local, config.estimator_steps)
+        if not config.uses_mim:  # a probe only: the estimate is reported, nothing reaches the model
+            with torch.no_grad():
+                metrics["mi_estimate"] = (parts.estimator.mim_loss(q_local) + parts.estimator.mim_loss(t_local)) / 2
 
     # stage 2: losses on the cached embeddings; gradients cached for the re-forward
     q_leaf, t_leaf = q_local.clone().requires_grad_(), t_local.clone().requires_grad_()
@@ -138,5 +151,8 @@ def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict]
 
     metrics["loss"] = loss.detach()
     metrics["path_cosine"] = path_cosine(q_local)
+    if paths is not None:
+        metrics["prefix_cosine"] = prefix_cosine(models.pdf_parameters(parts.model)[0])
+    metrics.update(embedding_norms(torch.cat([q_local, t_local], dim=1)))
     metrics["lr"] = parts.scheduler.get_last_lr()[0]
     return {k: float(v) for k, v in metrics.items()}
