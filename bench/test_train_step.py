@@ -39,7 +39,7 @@ def _setup(variant: str):
         model.to(torch.bfloat16)
     model.train()
     parts = make_parts(config, model, DEVICE)
-    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
+    collator = make_collator(model, tokenizer, processor, config.max_length)
     sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
     queries, targets = sampler.batch(0, BATCH)
     q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)

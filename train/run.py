@@ -35,8 +35,8 @@ from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, synthetic
 from .config import TrainConfig, parse
-from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
+from .loader import train_batches
 from .model import build, make_collator
 from .step import Parts, train_step
 
@@ -104,10 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
-    loader = ImageLoader(config.image_dir)
-    sampler = TrainSampler([load_rows(p) for p in config.train_data], config.subset_weights or None, loader,
-                           config.seed, config.bad_images)
+    collator = make_collator(model, tokenizer, processor, config.max_length)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -123,19 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     model.train()
-    per_rank = config.global_batch // world_size
+    batches = train_batches(config, collator, rank, world_size, start, device)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
     history = []
     step = start
     try:
-        for step in range(start, config.steps):
-            tick = time.perf_counter()
-            queries, targets = sampler.batch(step, config.global_batch)  # the same global batch on every rank
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            metrics = train_step(parts, chunks(collator, queries[mine], config.chunk_size, device),
-                                 chunks(collator, targets[mine], config.chunk_size, device), config, device)
+        tick = time.perf_counter()
+        for step, query_chunks, target_chunks in batches:  # this rank's share, prefetched by the workers
+            metrics = train_step(parts, query_chunks, target_chunks, config, device)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
-                           bad_images=loader.bad)
+                           bad_images=batches.bad_images, truncated_rows=collator.truncated)
+            tick = time.perf_counter()
             history.append(metrics)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(metrics) + "\n")
@@ -162,9 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint.save(ckpt_dir, config.steps, parts, config, config.keep_checkpoints)
         models.save_pdf(out / "pdf.safetensors", model, parts.aggregator, parts.estimator)
     results = {}
-    if rank == 0 and config.evaluate and config.eval_data:
-        results = evaluate(model, collator, config, parts.aggregator, device, out)
-        print(markdown(results))
+    if config.evaluate and config.eval_data:  # every rank encodes its share
+        results = evaluate(model, collator, config, parts.aggregator, device, out, lambda: stop["requested"])
+        if rank == 0:
+            print(markdown(results))
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"history": history, "eval": results}
