@@ -38,6 +38,7 @@ from .config import TrainConfig, parse
 from .evaluate import evaluate, markdown
 from .loader import train_batches
 from .model import build, make_collator
+from .progress import Progress
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     batches = train_batches(config, collator, rank, world_size, start, device)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    progress = Progress(config, start, rank)
     history = []
     step = start
     try:
@@ -135,11 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             if metrics_file is not None:
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
-                if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                    done = (step + 1) / config.steps
-                    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} "
-                          f"cos {metrics['path_cosine']:.3f} {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            progress.update(metrics)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
             if rank == 0 and ((step + 1) % config.checkpoint_every == 0 or stop["requested"] or early):
                 checkpoint.save(ckpt_dir, step + 1, parts, config, config.keep_checkpoints)
@@ -151,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                          config.stop_after)
                 return {"history": history, "eval": {}}
     finally:
+        progress.close()
         if metrics_file is not None:
             metrics_file.close()
     if rank == 0:
