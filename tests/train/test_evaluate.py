@@ -2,6 +2,7 @@
 distinct query and distinct candidate, ties against the positive, non-finite embeddings refused, and two
 gloo ranks sharing the encoding."""
 
+import json
 import os
 import socket
 
@@ -16,7 +17,6 @@ from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import IMAGE_PLACEHOLDER, ImageLoader
 from pdfkernels.train.evaluate import evaluate, evaluate_subset, hits, mode_groups, unique_items
 from pdfkernels.train.model import build, make_collator
-from pdfkernels.train.rows import load_eval_rows
 from tests.train.helpers import shapes_data
 
 PICTURE = f"{IMAGE_PLACEHOLDER} what is shown in the image"
@@ -54,15 +54,14 @@ def _pool_rows(data):
 def test_same_precision_as_the_original_loop(data):
     config, model, collator, aggregator = _setup(data)
     loader = ImageLoader(config.image_dir)
-    for rows in (_pool_rows(data), load_eval_rows(str(data / "eval" / "t2i.jsonl")) +
-                 load_eval_rows(str(data / "eval" / "i2t.jsonl"))):
-        new = evaluate_subset(model, collator, rows, loader, config, aggregator, "cpu")
-        for paths, group in mode_groups(config):
-            for mode in group:
-                use = [0] if mode == "single" else paths
-                old = precision_at_1(model, collator, rows, loader, use, aggregator, "cpu", chunk=5)
-                assert new[mode] == pytest.approx(old), mode
-    assert 0 < evaluate_subset(model, collator, _pool_rows(data), loader, config, aggregator, "cpu")["single"] < 1
+    rows = _pool_rows(data)
+    new = evaluate_subset(model, collator, rows, loader, config, aggregator, "cpu")
+    for paths, group in mode_groups(config):
+        for mode in group:
+            use = [0] if mode == "single" else paths
+            old = precision_at_1(model, collator, rows, loader, use, aggregator, "cpu", chunk=5)
+            assert new[mode] == pytest.approx(old), mode
+    assert 0 < new["single"] < 1
 
 
 def test_one_forward_per_distinct_query_and_candidate(data, monkeypatch):
@@ -91,17 +90,25 @@ def test_ties_count_against_the_positive():
     assert hits(distinct[:1], distinct, [[0, 0, 1]]).all()  # a copy of the positive is no rival
 
 
+def _text_eval_file(tmp_path):
+    path = tmp_path / "texts.jsonl"
+    row = {"qry_text": "find a red circle", "qry_img_path": "", "tgt_text": ["a red circle", "a blue square"],
+           "tgt_img_path": ["", ""]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "qry_text": "find a blue square"}) + "\n")
+    return str(path)
+
+
 def test_non_finite_embeddings_are_refused(data, tmp_path):
-    config, model, collator, aggregator = _setup(data, eval_data=[str(data / "eval" / "t2i.jsonl")])
+    config, model, collator, aggregator = _setup(data, eval_data=[_text_eval_file(tmp_path)])
     with torch.no_grad():
         models.pdf_parameters(model)[0].fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"t2i \(single\): \d+ of \d+ embeddings are not finite"):
+    with pytest.raises(FloatingPointError, match=r"texts \(single\): \d+ of \d+ embeddings are not finite"):
         evaluate(model, collator, config, aggregator, "cpu", tmp_path)
     assert not (tmp_path / "eval.json").exists()
 
 
 def test_a_signal_stops_evaluation(data, tmp_path):
-    config, model, collator, aggregator = _setup(data, eval_data=[str(data / "eval" / "t2i.jsonl")])
+    config, model, collator, aggregator = _setup(data, eval_data=[_text_eval_file(tmp_path)])
     with pytest.raises(KeyboardInterrupt):
         evaluate(model, collator, config, aggregator, "cpu", tmp_path, should_stop=lambda: True)
 
