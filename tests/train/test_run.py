@@ -127,13 +127,24 @@ def test_llava_next_preset_trains_and_evaluates(data, tmp_path):
 
 def test_bf16_weights_and_autocast_train_and_evaluate_on_the_cpu(data, tmp_path):
     """The GPU default (frozen weights bf16, trainable fp32 masters, bf16 autocast) on the CPU's autocast."""
+    from pdfkernels import models
+    from pdfkernels.train import precision
     from pdfkernels.train.config import TrainConfig
-    from pdfkernels.train.model import build
+    from pdfkernels.train.model import build, make_collator
     from pdfkernels.train.synthetic import all_words
 
     model, _, _ = build(TrainConfig(lora_r=2, prefix_len=3, dtype="bf16"), all_words(), torch.device("cpu"))
     dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
     assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    # LLaVA-NeXT's collator asks the bf16 model for each image's token count
+    llava = TrainConfig(model="tiny-llava-next", lora_r=2, prefix_len=3, dtype="bf16")
+    model, tokenizer, processor = build(llava, all_words(), torch.device("cpu"))
+    collator = make_collator(model, tokenizer, processor, llava.max_length)
+    image = ImageLoader(str(data / "images"))(sorted(p.name for p in (data / "images").iterdir())[0])
+    batch = collator([("<|image_1|> what is shown in the image", image)])
+    with precision.autocast("bf16", torch.device("cpu")):
+        reps = models.encode(model, batch, [0, 1])
+    assert reps.shape == (2, 1, 64) and torch.isfinite(reps).all()
     result = run.main(run_args(data, tmp_path, "--steps", "2", "--dtype", "bf16", "--lora-r", "2"))
     assert [m["step"] for m in result["history"]] == [1, 2]
     assert all(math.isfinite(m["loss"]) for m in result["history"])
