@@ -49,7 +49,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
-    num_workers: int | None = None  # data-loader processes per rank; None: half the CPUs, at most 8
+    num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
     eval_batch_size: int = 64  # rows per evaluation forward
     # output
     out_dir: str = "runs/pdf"

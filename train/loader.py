@@ -31,9 +31,11 @@ class BadData(RuntimeError):
 
 
 def default_workers() -> int:
-    """Half of the CPUs this process may use, at most 8 (the other half runs the training process)."""
+    """Half of this machine's CPUs shared by its ranks (torchrun's LOCAL_WORLD_SIZE), at most 8 per rank: the
+    other half runs the training processes."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // 2))
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, cpus // 2 // ranks))
 
 
 class StepShares(Dataset):
