@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from pdfkernels.bench.common import CUDA, DEVICE, device_name, sync
 from pdfkernels.train import synthetic
 from pdfkernels.train.config import TrainConfig
-from pdfkernels.train.data import ImageLoader, TrainSampler, load_rows
+from pdfkernels.train.data import ImageLoader, TrainSampler, example
 from pdfkernels.train.model import build, make_collator
+from pdfkernels.train.rows import load_train_rows
 from pdfkernels.train.run import chunks, make_parts
 from pdfkernels.train.step import train_step
 
@@ -35,13 +35,12 @@ def _setup(variant: str):
                          train_data=[str(_DATA / "train" / "t2i.jsonl"), str(_DATA / "train" / "i2t.jsonl")],
                          **flags)
     model, tokenizer, processor = build(config, synthetic.all_words(), DEVICE, image_side=448 if CUDA else 32)
-    if CUDA:
-        model.to(torch.bfloat16)
     model.train()
     parts = make_parts(config, model, DEVICE)
-    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
-    sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
-    queries, targets = sampler.batch(0, BATCH)
+    collator = make_collator(model, tokenizer, processor, config.max_length)
+    plan = TrainSampler([load_train_rows(p) for p in config.train_data], None, 0).plan(0, BATCH)
+    queries, targets = zip(*(example(row, ImageLoader(config.image_dir)) for row in plan))
+    queries, targets = list(queries), list(targets)
     q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)
     return lambda: train_step(parts, q, t, config, DEVICE)
 

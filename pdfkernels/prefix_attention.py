@@ -19,6 +19,7 @@ import torch
 import triton
 
 from . import backend, reference
+from .autocast import follows_autocast
 from .baselines import cat_sdpa_prefix_attention
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
@@ -242,6 +243,7 @@ def _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal:
     return out.to(dtype)
 
 
+@follows_autocast
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                      prefix_v: torch.Tensor, path_ids: torch.Tensor, *,
                      key_padding_mask: torch.Tensor | None = None, causal: bool = True,
@@ -254,6 +256,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     return _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, softmax_scale, True)
 
 
+@follows_autocast
 def prefix_attention_known_paths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                                  prefix_v: torch.Tensor, path_ids: torch.Tensor, *,
                                  key_padding_mask: torch.Tensor | None = None, causal: bool = True,
@@ -273,6 +276,7 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, c
                                   causal, scale, False)
 
 
+@follows_autocast
 def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                             prefix_v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                             path_ids: torch.Tensor, *, causal: bool = True,

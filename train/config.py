@@ -29,6 +29,7 @@ class TrainConfig:
     model: str = "tiny"  # a preset in train.model.PRESETS or a local directory (from_pretrained, offline)
     lora_r: int | None = None  # DoRA rank on VLM2VEC_TARGETS; 0 trains every weight; None: 8, or 0 for "tiny"
     gradient_checkpointing: bool = False
+    dtype: str = "auto"  # "bf16": frozen weights bf16, trainable fp32, bf16 autocast; "fp32"; "auto": bf16 on GPUs
     # optimisation
     lr: float = 2e-5
     estimator_lr: float = 1e-4
@@ -50,7 +51,11 @@ class TrainConfig:
     eval_data: list[str] = field(default_factory=list)
     image_dir: str = ""
     bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
-    max_text_tokens: int = 64
+    max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
+    bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
+    max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
+    num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
+    eval_batch_size: int = 64  # rows per evaluation forward
     # output
     out_dir: str = "runs/pdf"
     checkpoint_every: int = 100
@@ -60,6 +65,7 @@ class TrainConfig:
     stop_after: int = 0  # end this invocation after so many steps (checkpoint written); 0: run to the end
     evaluate: bool = True
     log_every: int = 1
+    report_to: str = ""  # also log metrics to "tensorboard" or "wandb" (when installed)
 
     def __post_init__(self) -> None:
         if self.baseline:
@@ -85,6 +91,15 @@ class TrainConfig:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+        if not 0 < self.max_bad_fraction <= 1:
+            raise ValueError(f"config: 'max_bad_fraction' expected in (0, 1], got {self.max_bad_fraction}")
+        for name, allowed in (("bad_rows", ("skip", "error")), ("dtype", ("auto", "bf16", "fp32")),
+                              ("report_to", ("", "tensorboard", "wandb"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config: '{name}' expected one of {allowed}, got {getattr(self, name)!r}")
         if self.subset_weights and len(self.subset_weights) != len(self.train_data):
             raise ValueError(f"config: 'subset_weights' expected one weight per train_data file "
                              f"({len(self.train_data)}), got {len(self.subset_weights)}")

@@ -1,9 +1,15 @@
-"""MMEB-format data: rows from local jsonl/parquet through ``datasets``, images through pillow, batches
-sampled per step from a seeded generator (so a resumed run sees the same batches), and collation into
-Qwen2-VL inputs with ``<|image_1|>`` expanded into the backbone's image tokens."""
+"""MMEB training examples: images through pillow, the rows of each step drawn from a seeded generator (so
+a resumed run sees the same batches, and every rank knows the whole plan without decoding it), and the
+collators that turn (text, image) pairs into backbone inputs with ``<|image_1|>`` expanded into the
+backbone's image tokens.
+
+A collator works in two halves so that the expensive one runs in data-loader workers: ``prepare`` (image
+processor and tokenizer; picklable output) and ``assemble`` (image-token counts, truncation to
+``max_length``, left padding; in the training process, where a LLaVA collator can ask the model)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,18 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .rows import IMAGE_PLACEHOLDER
+
 log = logging.getLogger("pdf.data")
-IMAGE_PLACEHOLDER = "<|image_1|>"
 
-
-def load_rows(path: str) -> list[dict]:
-    """All rows of one jsonl or parquet file (one subset)."""
-    from datasets import load_dataset
-
-    kind = "parquet" if path.endswith(".parquet") else "json"
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    return list(load_dataset(kind, data_files=path, split="train"))
+__all__ = ["IMAGE_PLACEHOLDER", "BadImage", "ImageLoader", "TrainSampler", "Collator", "Qwen2VLCollator",
+           "LlavaCollator"]
 
 
 class BadImage(Exception):
@@ -34,7 +34,6 @@ class ImageLoader:
     """Loads ``image_dir/path`` as RGB; a missing or corrupt file raises ``BadImage`` naming it."""
 
     image_dir: str
-    bad: int = 0
 
     def __call__(self, path: str) -> Image.Image | None:
         if not path:
@@ -47,53 +46,61 @@ class ImageLoader:
             raise BadImage(f"image {full}: {type(exc).__name__}: {exc}") from exc
 
 
-class TrainSampler:
-    """Global batches of (query, target) examples, drawn per step from ``torch.Generator(seed + step)``: the
-    subset by its weight, the row uniformly. A row with a bad image is counted and replaced (``skip``) or
-    stops the run with the file named (``error``)."""
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
-    def __init__(self, subsets: list[list[dict]], weights: list[float] | None, loader: ImageLoader, seed: int,
-                 policy: str = "skip"):
+
+class TrainSampler:
+    """Which rows a step trains on. ``plan(step, size)``: per position the subset by its weight, then the row
+    uniformly, from ``torch.Generator(seed * 1_000_003 + step)`` (the draws of the original sampler).
+    A position whose row has a bad image takes ``replacement(step, position, attempt)``, drawn from a
+    generator of its own, so that any rank can replace a row of its share without knowing the others'."""
+
+    def __init__(self, subsets: list[list[dict]], weights: list[float] | None, seed: int):
         if not subsets or any(len(s) == 0 for s in subsets):
             raise ValueError("train data: every subset needs at least one row")
-        self.subsets, self.loader, self.seed, self.policy = subsets, loader, seed, policy
+        self.subsets, self.seed = subsets, seed
         self.weights = torch.tensor(weights or [1.0] * len(subsets), dtype=torch.float64)
 
-    def _example(self, row: dict) -> tuple[tuple[str, Image.Image | None], tuple[str, Image.Image | None]]:
-        return ((row["qry"], self.loader(row.get("qry_image_path") or "")),
-                (row["pos_text"], self.loader(row.get("pos_image_path") or "")))
+    def _draw(self, g: torch.Generator) -> dict:
+        subset = self.subsets[int(torch.multinomial(self.weights, 1, generator=g))]
+        return subset[int(torch.randint(len(subset), (1,), generator=g))]
 
-    def batch(self, step: int, size: int) -> tuple[list, list]:
+    def plan(self, step: int, size: int) -> list[dict]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        queries, targets = [], []
-        while len(queries) < size:
-            subset = self.subsets[int(torch.multinomial(self.weights, 1, generator=g))]
-            row = subset[int(torch.randint(len(subset), (1,), generator=g))]
-            try:
-                q, t = self._example(row)
-            except BadImage as exc:
-                if self.policy == "error":
-                    raise RuntimeError(f"bad training image (run with --bad-images skip to skip it): {exc}") from exc
-                self.loader.bad += 1
-                log.warning("skipping a row: %s (%d skipped so far)", exc, self.loader.bad)
-                continue
-            queries.append(q)
-            targets.append(t)
-        return queries, targets
+        return [self._draw(g) for _ in range(size)]
+
+    def replacement(self, step: int, position: int, attempt: int) -> dict:
+        return self._draw(torch.Generator().manual_seed(_seed(self.seed, step, position, attempt)))
+
+
+def example(row: dict, loader: ImageLoader) -> tuple[tuple[str, Image.Image | None], tuple[str, Image.Image | None]]:
+    """(query, target) of a training row, images decoded; ``BadImage`` if either cannot be read."""
+    return (row["qry"], loader(row["qry_image_path"])), (row["pos_text"], loader(row["pos_image_path"]))
 
 
 class Collator:
     """(text, image or None) pairs -> model inputs, left padded (the last token is the embedding), with each
-    ``<|image_1|>`` replaced by the backbone's image tokens (as many as the image yields)."""
+    ``<|image_1|>`` replaced by the backbone's image tokens (as many as the image yields). A row's text
+    tokens beyond ``max_length`` are cut from its end (image tokens never are); truncated rows are counted
+    in ``truncated`` and announced once."""
 
-    def __init__(self, tokenizer, image_processor, image_token_id: int, max_text_tokens: int = 64):
+    counts_in_prepare = True  # image-token counts known from the processor output alone
+
+    def __init__(self, tokenizer, image_processor, image_token_id: int, max_length: int = 512):
+        if max_length < 1:
+            raise ValueError(f"config: 'max_length' expected >= 1, got {max_length}")
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.image_id = image_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.max_text_tokens = max_text_tokens
+        self.max_length = max_length
+        self.truncated = 0
 
-    def images(self, images: list[Image.Image]) -> tuple[dict, list[int]]:
-        """(model inputs for the images, number of image tokens of each)."""
+    def images(self, images: list[Image.Image]) -> tuple[dict, list[int] | None]:
+        """(model inputs for the images, number of image tokens of each, or None to ask ``image_counts``)."""
+        raise NotImplementedError
+
+    def image_counts(self, images: dict) -> list[int]:
         raise NotImplementedError
 
     def image_block(self, count: int) -> list[int]:
@@ -102,39 +109,60 @@ class Collator:
     def extra(self, ids: torch.Tensor) -> dict:
         return {}
 
-    def _ids(self, text: str, image_tokens: int | None) -> list[int]:
-        if (IMAGE_PLACEHOLDER in text) != (image_tokens is not None):
-            raise ValueError(f"text and image disagree: {text!r} has {'an' if IMAGE_PLACEHOLDER in text else 'no'} "
-                             f"{IMAGE_PLACEHOLDER} but {'an' if image_tokens is not None else 'no'} image")
-        ids: list[int] = []
-        for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
+    def prepare(self, examples: list[tuple[str, Image.Image | None]]) -> dict:
+        """The expensive, model-free half (image processor, tokenizer): runs in data-loader workers."""
+        for text, img in examples:
+            if (IMAGE_PLACEHOLDER in text) != (img is not None):
+                raise ValueError(f"text and image disagree: {text!r} has {'an' if IMAGE_PLACEHOLDER in text else 'no'} "
+                                 f"{IMAGE_PLACEHOLDER} but {'an' if img is not None else 'no'} image")
+        images = [img for _, img in examples if img is not None]
+        processed, counts = self.images(images) if images else ({}, [])
+        parts = [[self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"]
+                  for p in text.split(IMAGE_PLACEHOLDER)] for text, _ in examples]
+        return {"parts": parts, "images": processed, "counts": counts}
+
+    def _ids(self, parts: list[list[int]], image_tokens: int | None) -> list[int]:
+        budget, ids = self.max_length, []
+        cut = sum(len(p) for p in parts) > budget
+        for i, part in enumerate(parts):
             if i:
                 ids += self.image_block(image_tokens)
-            ids += self.tokenizer(part.strip(), add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+            ids += part[:budget]
+            budget -= min(budget, len(part))
+        if cut:
+            if not self.truncated:
+                log.warning("a text longer than max_length=%d tokens is cut (image tokens never are); truncated rows "
+                            "are counted in metrics.jsonl as 'truncated_rows'", self.max_length)
+            self.truncated += 1
         return ids
 
-    def __call__(self, examples: list[tuple[str, Image.Image | None]]) -> dict:
-        images = [img for _, img in examples if img is not None]
-        out, counts = self.images(images) if images else ({}, [])
+    def assemble(self, prepared: dict) -> dict:
+        """The cheap half, in the training process: image-token counts, truncation, left padding."""
+        images = dict(prepared["images"])
+        counts = prepared["counts"] if prepared["counts"] is not None else self.image_counts(images)
         rows, k = [], 0
-        for text, img in examples:
-            rows.append(self._ids(text, counts[k] if img is not None else None))
-            k += img is not None
+        for parts in prepared["parts"]:
+            has_image = len(parts) > 1
+            rows.append(self._ids(parts, counts[k] if has_image else None))
+            k += has_image
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[b, length - len(row):] = 1
-        out.update(input_ids=ids, attention_mask=mask, **self.extra(ids))
-        return out
+        images.update(input_ids=ids, attention_mask=mask, **self.extra(ids))
+        return images
+
+    def __call__(self, examples: list[tuple[str, Image.Image | None]]) -> dict:
+        return self.assemble(self.prepare(examples))
 
 
 class Qwen2VLCollator(Collator):
     """Qwen2-VL: ``<|vision_start|>`` + grid/merge² image tokens + ``<|vision_end|>``, and mm_token_type_ids."""
 
-    def __init__(self, tokenizer, image_processor, config, max_text_tokens: int = 64):
-        super().__init__(tokenizer, image_processor, config.image_token_id, max_text_tokens)
+    def __init__(self, tokenizer, image_processor, config, max_length: int = 512):
+        super().__init__(tokenizer, image_processor, config.image_token_id, max_length)
         self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
         self.merge = config.vision_config.spatial_merge_size
 
@@ -152,33 +180,42 @@ class Qwen2VLCollator(Collator):
 
 class LlavaCollator(Collator):
     """LLaVA and LLaVA-NeXT: the image token repeated once per visual feature. How many features an image
-    yields (AnyRes tiles, newline tokens, CLS handling) is asked of the model itself, once per image size."""
+    yields (AnyRes tiles, newline tokens, CLS handling) is asked of the model itself, once per image size,
+    in ``assemble`` (the training process holds the model; workers do not)."""
 
-    def __init__(self, tokenizer, image_processor, model, max_text_tokens: int = 64):
+    def __init__(self, tokenizer, image_processor, model, max_length: int = 512):
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        super().__init__(tokenizer, image_processor, hf.config.image_token_id, max_text_tokens)
-        self.inner = hf.model
+        super().__init__(tokenizer, image_processor, hf.config.image_token_id, max_length)
         self.next = hasattr(hf.config, "image_grid_pinpoints")
         self.cache: dict = {}
+        self._inner = [hf.model]  # a list: kept out of the pickled state sent to workers
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_inner"] = []
+        return state
 
     def _count(self, pixel_values: torch.Tensor, size) -> int:
         key = tuple(int(x) for x in size) if size is not None else tuple(pixel_values.shape)
         if key not in self.cache:
-            param = next(self.inner.parameters())
+            inner = self._inner[0]
+            param = next(inner.parameters())
             kwargs = {"image_sizes": size[None].to(param.device)} if size is not None else {}
-            with torch.no_grad():
-                out = self.inner.get_image_features(pixel_values=pixel_values[None].to(param.device, param.dtype),
-                                                    **kwargs)
+            bf16 = any(p.dtype == torch.bfloat16 for p in inner.parameters())
+            with torch.no_grad(), torch.autocast(param.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = inner.get_image_features(pixel_values=pixel_values[None].to(param.device, param.dtype),
+                                               **kwargs)
             feats = getattr(out, "pooler_output", out)
             self.cache[key] = int(feats[0].shape[0]) if isinstance(feats, (list, tuple)) else int(feats.shape[-2])
         return self.cache[key]
 
     def images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")
-        pixels = processed["pixel_values"]
-        sizes = processed.get("image_sizes") if self.next else None
-        counts = [self._count(pixels[i], sizes[i] if sizes is not None else None) for i in range(len(images))]
-        out = {"pixel_values": pixels}
-        if sizes is not None:
-            out["image_sizes"] = sizes
-        return out, counts
+        out = {"pixel_values": processed["pixel_values"]}
+        if self.next:
+            out["image_sizes"] = processed["image_sizes"]
+        return out, None
+
+    def image_counts(self, images):
+        pixels, sizes = images["pixel_values"], images.get("image_sizes")
+        return [self._count(pixels[i], sizes[i] if sizes is not None else None) for i in range(pixels.shape[0])]

@@ -17,6 +17,7 @@ from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, qwen2vl_7b, tin
 
 from .config import VLM2VEC_TARGETS, TrainConfig
 from .data import LlavaCollator, Qwen2VLCollator
+from .precision import split_precision, uses_bf16
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
@@ -84,7 +85,10 @@ _CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "llava_next": LlavaNext
 
 def build(config: TrainConfig, words: list[str], device: torch.device, image_side: int = 32):
     """(model, tokenizer, image processor) for ``config.model``: a preset with random weights (the tokenizer
-    built from ``words``) or a local directory loaded offline."""
+    built from ``words``) or a local directory loaded offline (in bf16 when training in bf16, so that a 7B
+    backbone never exists in fp32). With ``--dtype bf16`` (the GPU default) the frozen weights end in bf16
+    and the trainable ones in fp32."""
+    bf16 = uses_bf16(config.dtype, device)
     if config.model in PRESETS:
         tokenizer = local_tokenizer(words)
         arch = PRESETS[config.model](len(tokenizer))
@@ -103,7 +107,8 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
             raise ValueError(f"config: model directory {config.model} holds a {kind!r} model; supported: "
                              f"{sorted(_CLASSES)}")
         tokenizer = AutoTokenizer.from_pretrained(config.model, local_files_only=True)
-        model = _CLASSES[kind].from_pretrained(config.model, local_files_only=True).to(device)
+        model = _CLASSES[kind].from_pretrained(config.model, local_files_only=True,
+                                               dtype=torch.bfloat16 if bf16 else torch.float32).to(device)
         processor = image_processor(source=config.model, kind=kind)
     else:
         raise ValueError(f"config: 'model' expected a preset {sorted(PRESETS)} or a local directory, "
@@ -118,14 +123,16 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
         models.mark_pdf_trainable(model)
     if config.prefix_len == 0:
         models.pdf_parameters(model)[0].requires_grad_(False)  # the baseline has no prefix to train
+    if bf16:
+        split_precision(model)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer, processor
 
 
-def make_collator(model, tokenizer, processor, max_text_tokens: int):
+def make_collator(model, tokenizer, processor, max_length: int):
     """The collator of the model's family."""
     hf = models.patch._hf_model(model)
     if type(hf).__name__.startswith("Qwen2VL"):
-        return Qwen2VLCollator(tokenizer, processor, hf.config, max_text_tokens)
-    return LlavaCollator(tokenizer, processor, model, max_text_tokens)
+        return Qwen2VLCollator(tokenizer, processor, hf.config, max_length)
+    return LlavaCollator(tokenizer, processor, model, max_length)

@@ -36,11 +36,12 @@ from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
 from .config import TrainConfig, parse
-from .data import ImageLoader, TrainSampler, load_rows
 from .evaluate import evaluate, markdown
-from .metrics import RunDiagnostics, progress_fields
+from .loader import train_batches
+from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
+from .progress import Progress
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -108,10 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = make_collator(model, tokenizer, processor, config.max_text_tokens)
-    loader = ImageLoader(config.image_dir)
-    sampler = TrainSampler([load_rows(p) for p in config.train_data], config.subset_weights or None, loader,
-                           config.seed, config.bad_images)
+    collator = make_collator(model, tokenizer, processor, config.max_length)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -128,38 +126,37 @@ def main(argv: list[str] | None = None) -> dict:
     gradients = guards.GradientGuard(parts)  # a non-finite gradient skips the update and stops the run
     out.mkdir(parents=True, exist_ok=True)
     model.train()
-    per_rank = config.global_batch // world_size
+    pipeline = train_batches(config, collator, rank, world_size, start, device)  # this rank's share, prefetched
+    batches = iter(pipeline)
     metrics_log = MetricsLog(out / "metrics.jsonl", start) if rank == 0 else None
+    progress = Progress(config, start, rank)
     history, saved = [], [start]
     diagnostics = RunDiagnostics(config, model)
-    step = start
+    step = done = start  # done: steps completed so far
     try:
-        for step in range(start, config.steps):
-            tick = time.perf_counter()
-            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        tick = time.perf_counter()
+        while True:
             try:
                 with guard.interruptible():
-                    queries, targets = sampler.batch(step, config.global_batch)  # the same batch on every rank
-                    query_chunks = chunks(collator, queries[mine], config.chunk_size, device)
-                    target_chunks = chunks(collator, targets[mine], config.chunk_size, device)
+                    item = next(batches, None)
             except signals.Interrupted as stop:
-                if saved[-1] < step:
-                    save(step)
-                log.info("stopping on %s while loading step %d's batch (state after step %d checkpointed)",
-                         signal.Signals(stop.signum).name, step + 1, step)
+                if saved[-1] < done:
+                    save(done)
+                log.info("stopping on %s while loading a batch (state after step %d checkpointed)",
+                         signal.Signals(stop.signum).name, done)
                 sys.exit(130)
+            if item is None:
+                break
+            step, query_chunks, target_chunks = item
             metrics = train_step(parts, query_chunks, target_chunks, config, device)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
-                           bad_images=loader.bad)
+                           bad_images=pipeline.bad_images, truncated_rows=collator.truncated)
+            tick, done = time.perf_counter(), step + 1
             history.append(metrics)
             if metrics_log is not None:
                 diagnostics.update(metrics)
                 metrics_log.write(metrics)
-                if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                    done = (step + 1) / config.steps
-                    bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-                    print(f"[{bar}] {step + 1}/{config.steps} loss {metrics['loss']:.4f} {progress_fields(metrics)} "
-                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            progress.update(metrics)
             guards.check_step(metrics, step + 1, gradients.bad)
             early = config.stop_after and step + 1 - start >= config.stop_after and step + 1 < config.steps
             if (step + 1) % config.checkpoint_every == 0 or guard.requested or early:
@@ -176,16 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0:
             models.save_pdf(out / "pdf.safetensors", model, parts.aggregator, parts.estimator)
         results = {}
-        if rank == 0 and config.evaluate and config.eval_data:
+        if config.evaluate and config.eval_data:  # every rank encodes its share
             with guard.interruptible():  # weights are saved: a signal may stop evaluation at once
                 results = evaluate(model, collator, config, parts.aggregator, device, out)
-            print(markdown(results))
+            if rank == 0:
+                print(markdown(results))
     except signals.Interrupted as stop:  # a second signal inside a step, or one during evaluation
         log.warning("stopping at once on %s; newest checkpoint: step %d", signal.Signals(stop.signum).name,
                     saved[-1])
         sys.exit(130)
     finally:
         guard.restore()
+        progress.close()
         if metrics_log is not None:
             metrics_log.close()
     if dist.is_initialized():

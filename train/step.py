@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from pdfkernels import models
 
 from .losses import gather, info_nce, path_cosine, world
 from .metrics import embedding_norms, prefix_cosine
+from .precision import autocast
 
 
 @dataclass
@@ -61,18 +61,12 @@ def _set_rng_state(state) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _encode_chunks(parts: Parts, chunks: list[dict], paths, device) -> tuple[torch.Tensor, list]:
+def _encode_chunks(parts: Parts, chunks: list[dict], paths, device, dtype: str) -> tuple[torch.Tensor, list]:
     reps, states = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(_rng_state())
-            with _autocast(device):
+            with autocast(dtype, device):
                 reps.append(models.encode(parts.model, chunk, paths).float())
     return torch.cat(reps, dim=1), states
 
@@ -104,8 +98,8 @@ def estimator_updates(parts: Parts, q: torch.Tensor, t: torch.Tensor, steps: int
 def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict], config,
                device: torch.device) -> dict:
     paths = _paths(config)
-    q_local, q_states = _encode_chunks(parts, query_chunks, paths, device)
-    t_local, t_states = _encode_chunks(parts, target_chunks, paths, device)
+    q_local, q_states = _encode_chunks(parts, query_chunks, paths, device, config.dtype)
+    t_local, t_states = _encode_chunks(parts, target_chunks, paths, device, config.dtype)
     _, world_size = world()
     metrics: dict = {}
 
@@ -138,7 +132,7 @@ def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict]
         for chunk, state in zip(chunks, states):
             rows = chunk["input_ids"].shape[0]
             _set_rng_state(state)
-            with _autocast(device):
+            with autocast(config.dtype, device):
                 reps = models.encode(parts.model, chunk, paths).float()
             reps.backward(grad[:, offset:offset + rows])
             offset += rows

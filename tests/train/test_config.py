@@ -39,6 +39,16 @@ def test_bad_values_are_refused(tmp_path):
         TrainConfig(num_paths=0)
     with pytest.raises(ValueError, match="'bad_images' expected 'skip' or 'error'"):
         TrainConfig(bad_images="ignore")
+    with pytest.raises(ValueError, match="'dtype' expected one of"):
+        TrainConfig(dtype="fp16")
+    with pytest.raises(ValueError, match="'max_length' expected >= 1, got 0"):
+        TrainConfig(max_length=0)
+    with pytest.raises(ValueError, match="'num_workers' expected >= 0, got -1"):
+        TrainConfig(num_workers=-1)
+    with pytest.raises(ValueError, match=r"'max_bad_fraction' expected in \(0, 1\], got 0"):
+        TrainConfig(max_bad_fraction=0)
+    with pytest.raises(ValueError, match="'bad_rows' expected one of"):
+        TrainConfig(bad_rows="ignore")
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(ValueError, match="unknown fields"):

@@ -253,15 +253,25 @@ def test_signal_guard_defers_the_first_signal_and_raises_on_the_second_or_when_i
 
 
 def test_sigterm_stops_a_hanging_batch_load_with_a_checkpoint(data, tmp_path, monkeypatch):
-    class HangingSampler(run.TrainSampler):
-        def batch(self, step, size):
-            if step == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-                while True:  # a data loader that never returns (e.g. every image bad)
-                    time.sleep(0.01)
-            return super().batch(step, size)
+    real_pipeline = run.train_batches
 
-    monkeypatch.setattr(run, "TrainSampler", HangingSampler)
+    class HangingPipeline:  # the real pipeline, but loading step 1's batch never returns (e.g. a stuck worker)
+        def __init__(self, *args, **kwargs):
+            self.inner = real_pipeline(*args, **kwargs)
+
+        @property
+        def bad_images(self) -> int:
+            return self.inner.bad_images
+
+        def __iter__(self):
+            for item in self.inner:
+                if item[0] == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    while True:
+                        time.sleep(0.01)
+                yield item
+
+    monkeypatch.setattr(run, "train_batches", HangingPipeline)
     tick = time.perf_counter()
     with pytest.raises(SystemExit) as info:
         run.main(run_args(data, tmp_path, "--steps", "5", "--no-evaluate"))

@@ -1,9 +1,13 @@
 """train.run end to end on CPU: metrics, evaluation, exact resume, checkpoints on a signal, two ranks."""
 
 import json
+import math
 import os
 import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ import torch.multiprocessing as mp
 
 import pdfkernels.train.run as run
 from pdfkernels.train.checkpoint import checkpoints
+from pdfkernels.train.data import ImageLoader, TrainSampler
+from pdfkernels.train.rows import load_train_rows
 from tests.train.helpers import run_args, shapes_data
 
 
@@ -73,13 +79,21 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    decoded = []
+    original = ImageLoader.__call__
+
+    def counting(self, path):
+        decoded.append(path) if path else None
+        return original(self, path)
+
+    ImageLoader.__call__ = counting  # this process only (spawned); --num-workers 0 decodes here
     out = run.main(args)
     params = {}
     if rank == 0:
         from pdfkernels.train.checkpoint import latest
 
         params = torch.load(latest(args[args.index("--out-dir") + 1] + "/checkpoints"), weights_only=False)["model"]
-    results[rank] = (out["history"], params)
+    results[rank] = (out["history"], params, decoded)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; with CUDA the trainer uses nccl, one GPU "
@@ -88,9 +102,15 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_batch(data, tmp_path):
     single = run.main(run_args(data, tmp_path / "one", "--steps", "2", "--no-evaluate"))["history"]
     single_params = torch.load(tmp_path / "one" / "checkpoints" / "step_0000002.pt", weights_only=False)["model"]
     results = mp.Manager().dict()
-    args = run_args(data, tmp_path / "two", "--steps", "2", "--no-evaluate")
+    args = run_args(data, tmp_path / "two", "--steps", "2", "--no-evaluate", "--num-workers", "0")
     mp.spawn(_rank, args=(2, _free_port(), args, results), nprocs=2)
-    history, params = results[0]
+    history, params, _ = results[0]
+    # each rank decoded exactly the images of its half of each step's global batch
+    sampler = TrainSampler([load_train_rows(p) for p in args[1:3]], None, 0)
+    for rank in (0, 1):
+        share = [row for step in (0, 1) for row in sampler.plan(step, 8)[4 * rank:4 * rank + 4]]
+        expected = [p for row in share for p in (row["qry_image_path"], row["pos_image_path"]) if p]
+        assert results[rank][2] == expected and 0 < len(expected) < 16
     for a, b in zip(single, history):
         for key in ("loss", "loss_agg", "loss_path", "mi_estimate"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
@@ -105,3 +125,40 @@ def test_llava_next_preset_trains_and_evaluates(data, tmp_path):
     assert [m["step"] for m in result["history"]] == [1, 2]
     assert all(m["loss"] == m["loss"] for m in result["history"])
     assert set(result["eval"]["average"]) == {"single", "aggregate", "none", "chance"}
+
+
+def test_bf16_weights_and_autocast_train_and_evaluate_on_the_cpu(data, tmp_path):
+    """The GPU default (frozen weights bf16, trainable fp32 masters, bf16 autocast) on the CPU's autocast."""
+    from pdfkernels import models
+    from pdfkernels.train import precision
+    from pdfkernels.train.config import TrainConfig
+    from pdfkernels.train.model import build, make_collator
+    from pdfkernels.train.synthetic import all_words
+
+    model, _, _ = build(TrainConfig(lora_r=2, prefix_len=3, dtype="bf16"), all_words(), torch.device("cpu"))
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    # LLaVA-NeXT's collator asks the bf16 model for each image's token count
+    llava = TrainConfig(model="tiny-llava-next", lora_r=2, prefix_len=3, dtype="bf16")
+    model, tokenizer, processor = build(llava, all_words(), torch.device("cpu"))
+    collator = make_collator(model, tokenizer, processor, llava.max_length)
+    image = ImageLoader(str(data / "images"))(sorted(p.name for p in (data / "images").iterdir())[0])
+    batch = collator([("<|image_1|> what is shown in the image", image)])
+    with precision.autocast("bf16", torch.device("cpu")):
+        reps = models.encode(model, batch, [0, 1])
+    assert reps.shape == (2, 1, 64) and torch.isfinite(reps).all()
+    result = run.main(run_args(data, tmp_path, "--steps", "2", "--dtype", "bf16", "--lora-r", "2"))
+    assert [m["step"] for m in result["history"]] == [1, 2]
+    assert all(math.isfinite(m["loss"]) for m in result["history"])
+    assert set(result["eval"]["average"]) == {"single", "aggregate", "none", "chance"}
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_script_runs_from_the_root_and_from_elsewhere(data, tmp_path, where):
+    root = Path(run.__file__).resolve().parents[1]
+    cwd = root if where == "root" else tmp_path
+    args = run_args(data, tmp_path / "out", "--steps", "2", "--no-evaluate", "--global-batch", "4")
+    done = subprocess.run([sys.executable, str(root / "train" / "run.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -25,7 +25,7 @@ def test_negative_mi_is_warned_and_diagnostics_are_recorded(tmp_path_factory, tm
     assert {"prefix_cosine", "prefix_update_cosine", "emb_norm_0", "emb_norm_1", "loss_estimator"} <= set(lines[0])
     warned = [r.getMessage() for r in caplog.records if "MI estimate has been negative" in r.getMessage()]
     assert [w.split(":")[0] for w in warned] == ["step 2", "step 3"]
-    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert len(progress) == 3
     assert f"prefix cos {lines[-1]['prefix_cosine']:.3f}" in progress[-1]
     assert f"MI {lines[-1]['mi_estimate']:.3f}" in progress[-1]

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from pdfkernels import models
 from pdfkernels.train import synthetic
 from pdfkernels.train.config import TrainConfig
-from pdfkernels.train.data import ImageLoader, TrainSampler, load_rows
+from pdfkernels.train.data import ImageLoader, TrainSampler, example
 from pdfkernels.train.metrics import NegativeMIWatch
 from pdfkernels.train.model import build, make_collator
+from pdfkernels.train.rows import load_train_rows
 from pdfkernels.train.run import chunks, make_parts
 from pdfkernels.train.step import contrastive_loss, train_step
 from tests.train.helpers import shapes_data
@@ -31,8 +32,9 @@ def _setup(tmp_path_factory, chunk_size, **overrides):
     torch.manual_seed(1)
     parts = make_parts(config, model, torch.device("cpu"))
     collator = make_collator(model, tokenizer, processor, 64)
-    sampler = TrainSampler([load_rows(p) for p in config.train_data], None, ImageLoader(config.image_dir), 0)
-    queries, targets = sampler.batch(0, config.global_batch)
+    plan = TrainSampler([load_train_rows(p) for p in config.train_data], None, 0).plan(0, config.global_batch)
+    queries, targets = zip(*(example(row, ImageLoader(config.image_dir)) for row in plan))
+    queries, targets = list(queries), list(targets)
     return config, parts, collator, queries, targets
 
 

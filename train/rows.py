@@ -1,0 +1,134 @@
+"""MMEB rows from jsonl or parquet files, checked once at start: every problem names the file and the row
+(1-based: the line of a jsonl file, the row of a parquet file) and what was expected.
+
+Train rows: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` (the image paths may be empty or
+absent for text-only sides). Eval rows as MMEB-eval publishes them: ``qry_text``, ``qry_img_path``,
+``tgt_text`` (list), ``tgt_img_path`` (list of the same length; the positive is candidate 0)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger("pdf.data")
+IMAGE_PLACEHOLDER = "<|image_1|>"
+BAD_ROW_POLICIES = ("skip", "error")
+
+
+class BadRow(ValueError):
+    pass
+
+
+def read_rows(path: str) -> list[dict]:
+    """All rows of one jsonl or parquet file; an unreadable line (not UTF-8, not a JSON object) is kept as
+    ``BadRow`` in its place so that the caller's policy decides."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows: list = pq.read_table(file).to_pylist()
+    else:
+        rows = []
+        with open(file, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                    if not isinstance(row, dict):
+                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                    rows.append(row)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    rows.append(BadRow(f"{path} line {number}: {type(exc).__name__}: {exc}"))
+    if not rows:
+        raise ValueError(f"data file {path} holds no rows")
+    return rows
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise BadRow(f"{where}: '{key}' expected a string, got {type(value).__name__}")
+    return value
+
+
+def _image(row: dict, key: str, where: str) -> str:
+    value = row.get(key) or ""
+    if not isinstance(value, str):
+        raise BadRow(f"{where}: '{key}' expected an image path (string) or empty, got {type(value).__name__}")
+    return value
+
+
+def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> None:
+    if text.count(IMAGE_PLACEHOLDER) > 1:
+        raise BadRow(f"{where}: '{text_key}' has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER}; one image "
+                     f"per side is supported")
+    if (IMAGE_PLACEHOLDER in text) != bool(image):
+        raise BadRow(f"{where}: '{text_key}' {'has' if IMAGE_PLACEHOLDER in text else 'has no'} "
+                     f"{IMAGE_PLACEHOLDER} but '{image_key}' is {repr(image) if image else 'empty'}")
+
+
+def check_train_row(row: dict, where: str) -> dict:
+    """The row reduced to its four fields (image paths as strings, '' for none), or ``BadRow``."""
+    out = {"qry": _text(row, "qry", where), "qry_image_path": _image(row, "qry_image_path", where),
+           "pos_text": _text(row, "pos_text", where), "pos_image_path": _image(row, "pos_image_path", where)}
+    _agree(out["qry"], out["qry_image_path"], "qry", "qry_image_path", where)
+    _agree(out["pos_text"], out["pos_image_path"], "pos_text", "pos_image_path", where)
+    return out
+
+
+def check_eval_row(row: dict, where: str) -> dict:
+    out = {"qry_text": _text(row, "qry_text", where), "qry_img_path": _image(row, "qry_img_path", where)}
+    texts, images = row.get("tgt_text"), row.get("tgt_img_path")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRow(f"{where}: 'tgt_text' expected a non-empty list of strings, got {texts!r:.80}")
+    if images is None:
+        images = [""] * len(texts)
+    if not isinstance(images, list) or not all(isinstance(p, str) or p is None for p in images):
+        raise BadRow(f"{where}: 'tgt_img_path' expected a list of image paths, got {images!r:.80}")
+    if len(images) != len(texts):
+        raise BadRow(f"{where}: 'tgt_text' has {len(texts)} candidates but 'tgt_img_path' has {len(images)}")
+    out["tgt_text"], out["tgt_img_path"] = texts, [p or "" for p in images]
+    _agree(out["qry_text"], out["qry_img_path"], "qry_text", "qry_img_path", where)
+    for i, (text, image) in enumerate(zip(out["tgt_text"], out["tgt_img_path"])):
+        _agree(text, image, f"tgt_text[{i}]", f"tgt_img_path[{i}]", where)
+    return out
+
+
+def _where(path: str, index: int) -> str:
+    return f"{path} {'row' if path.endswith('.parquet') else 'line'} {index + 1}"
+
+
+def load_train_rows(path: str, policy: str = "error") -> list[dict]:
+    """A training subset, every row checked: a bad row stops the run (``error``) or is dropped with one
+    warning that counts them and names the first (``skip``); a subset left empty stops the run."""
+    if policy not in BAD_ROW_POLICIES:
+        raise ValueError(f"config: 'bad_rows' expected one of {BAD_ROW_POLICIES}, got {policy!r}")
+    good, bad = [], []
+    for index, row in enumerate(read_rows(path)):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            good.append(check_train_row(row, _where(path, index)))
+        except BadRow as exc:
+            if policy == "error":
+                raise BadRow(f"bad training row (run with --bad-rows skip to drop such rows): {exc}") from None
+            bad.append(str(exc))
+    if bad:
+        log.warning("%s: dropped %d bad rows of %d (first: %s)", path, len(bad), len(bad) + len(good), bad[0])
+    if not good:
+        raise ValueError(f"data file {path}: no usable row ({len(bad)} bad; first: {bad[0]})")
+    return good
+
+
+def load_eval_rows(path: str) -> list[dict]:
+    """An evaluation subset, every row checked; any bad row stops (a skipped row would change the metric)."""
+    rows = []
+    for index, row in enumerate(read_rows(path)):
+        if isinstance(row, BadRow):
+            raise row
+        rows.append(check_eval_row(row, _where(path, index)))
+    return rows
