@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .patch import _hf_model, _text_geometry
+from .layout import geometry, hf_model
 
 
 def _describe(model: nn.Module) -> dict:
-    hf = _hf_model(model)
-    layers, kv_heads, head_dim = _text_geometry(hf)
+    hf = hf_model(model)
+    layers, kv_heads, head_dim = geometry(hf)
     return {"model_type": type(hf).__name__, "num_paths": hf.pdf_num_paths, "prefix_len": hf.pdf_prefix_len,
             "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
@@ -24,7 +24,7 @@ def _describe(model: nn.Module) -> dict:
 def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
              estimator: nn.Module | None = None) -> None:
     """Write ``prefix`` and the aggregator's/estimator's weights to ``path`` atomically (temporary file, rename)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     tensors = {"prefix": hf.pdf_prefix.detach().contiguous().cpu()}
     for name, module in (("aggregator", aggregator), ("estimator", estimator)):
         if module is not None:
@@ -57,7 +57,7 @@ def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
         details = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"load_pdf: {path} does not fit this model ({details})")
     tensors = load_file(str(path))
-    hf = _hf_model(model)
+    hf = hf_model(model)
     with torch.no_grad():
         hf.pdf_prefix.copy_(tensors["prefix"].to(hf.pdf_prefix.dtype))
     for name, module in (("aggregator", aggregator), ("estimator", estimator)):
