@@ -3,7 +3,7 @@
 Models pass ``None`` (causal, nothing padded), a 2-D padding mask (flash-attention layouts), or a 4-D
 ``[B, 1, L, >=L]`` mask, boolean (True = attend; transformers 5.x SDPA) or additive float (0 = attend, a
 large negative = masked; eager, and SDPA before 5.x). A 4-D mask is accepted only if it is causal plus key
-padding on every real query row (padded query rows are ignored: their outputs are never used); anything
+padding on every real query row (a padded query row may also be empty or full: its output is never used); anything
 else (sliding windows, packed sequences, bidirectional or biased masks, flex ``BlockMask``) is refused.
 """
 
@@ -64,8 +64,10 @@ def _padding_of_4d(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
     padding = visible[:, -1, :]  # the last query row of causal + padding sees exactly the real keys
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
     expected = causal & padding[:, None, :]
-    wrong = (visible != expected) & padding[:, :, None]  # only real query rows matter
-    if bool(wrong.any()):
+    # a padded query row may also be empty or (SDPA's fix for empty rows) full: its output is never used
+    blank = ~visible.any(-1) | visible.all(-1)
+    right = (visible == expected).all(-1) | (~padding & blank)
+    if not bool(right.all()):
         raise NotImplementedError("pdf attention: the model asks for an attention mask other than causal plus "
                                   "padding (a sliding window shorter than the sequence, packed sequences or a "
                                   "bidirectional mask), which the prefix kernels do not implement")
