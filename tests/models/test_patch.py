@@ -174,3 +174,25 @@ def test_k_paths_when_batch_equals_sequence_length():
         together = models.encode(model, inputs, [0, 1])
         singles = torch.stack([models.encode(model, inputs, p)[0] for p in (0, 1)])
     assert _rel(together, singles) <= 1e-5
+
+
+def test_a_deep_copy_of_a_patched_model_uses_its_own_prefix():
+    model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+    inputs = build_inputs("qwen2vl", model, "left")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = models.encode(model, inputs, 0)
+        twin.pdf_prefix.mul_(3.0)
+        assert torch.equal(models.encode(model, inputs, 0), before), "the original must not see the copy's prefix"
+        assert _rel(models.encode(twin, inputs, 0), before) > 1e-3
+        with models.use_paths(twin, None):  # the copy's paths are its own too
+            assert torch.equal(models.encode(model, inputs, 0), before)
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused():
+    model = build_model("llava-next-mistral")
+    models.text_config(model).sliding_window = 4  # the config the text layers read
+    models.apply_pdf(model, num_paths=2, prefix_len=2)  # the two-token dry forward fits the window
+    inputs = build_inputs("llava-next-mistral", model, "left")
+    with pytest.raises(NotImplementedError, match="sliding window"), torch.no_grad():
+        models.encode(model, inputs, 0)
