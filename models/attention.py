@@ -118,6 +118,8 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
     value = self.v_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = _rotary(*position_embeddings, binding.mrope_section)
     query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    # under autocast the projections are half precision while cos/sin may be float32: one dtype for the kernel
+    query, key = query.to(value.dtype), key.to(value.dtype)
     cache = call.get("past_key_values", call.get("past_key_value"))
     if cache is not None:  # allowed only as an empty cache filled once (a full forward with use_cache=True)
         if cache.get_seq_length(self.layer_idx) > 0:
