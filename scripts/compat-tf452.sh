@@ -21,7 +21,7 @@ if [ "$got" != "${PIN#transformers==}" ]; then
     exit 1
 fi
 echo "[compat-tf452] transformers $got kept after installing pdfkernels ($((SECONDS - start)) s)"
-export OMP_NUM_THREADS=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 "$VENV/bin/python" -m pytest tests/models -q -p no:cacheprovider "$@"
 "$VENV/bin/python" -m pdfkernels.selfcheck
 echo "[compat-tf452] done in $((SECONDS - start)) s"
