@@ -186,8 +186,8 @@ def _mrope_section(attn: nn.Module, config) -> list[int] | None:
 def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState) -> list[Binding]:
     """Give each attention module the PDF forward and hook the stack; returns the bindings (their call counts)."""
     stack._pdf_state = stack.rotary_emb._pdf_state = state
-    stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True)
-    stack.rotary_emb.register_forward_hook(_tag_paths)
+    stack._pdf_hooks = (stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True),
+                        stack.rotary_emb.register_forward_hook(_tag_paths))
     bindings = []
     for index, attn in enumerate(attentions):
         signature = inspect.signature(attn.forward)
@@ -196,6 +196,16 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
         attn.forward = types.MethodType(pdf_forward, attn)
         bindings.append(attn._pdf)
     return bindings
+
+
+def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
+    """Undo ``patch_decoder`` (after a failed proof): the modules' own forwards and no hooks again."""
+    for handle in stack._pdf_hooks:
+        handle.remove()
+    del stack._pdf_hooks, stack._pdf_state, stack.rotary_emb._pdf_state
+    for attn in attentions:
+        if hasattr(attn, "_pdf"):
+            del attn.forward, attn._pdf
 
 
 def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:

@@ -46,7 +46,8 @@ def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, see
     ``MMEBModel`` (its ``.encoder``). Adds ``pdf_prefix`` (``[num_layers, num_paths, 2, num_kv_heads,
     prefix_len, head_dim]``, index 0 keys, 1 values, in the language model's dtype and device) to the
     Hugging Face model, gives every text attention module the PDF forward, selects path 0, and runs a
-    two-token dry forward of the language model that must reach the PDF attention in every layer.
+    two-token dry forward of the language model that must reach the PDF attention in every layer; if it does
+    not, the model is left unpatched and ``RuntimeError`` says why.
     """
     hf = hf_model(model)
     stack = check_supported(hf)
@@ -63,8 +64,14 @@ def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, see
                                              reference.device, generator))
     hf.pdf_state = attention.PDFState(hf.pdf_prefix)
     hf.pdf_num_paths, hf.pdf_prefix_len = num_paths, prefix_len
-    bindings = attention.patch_decoder(stack, attention_modules(stack), hf.pdf_state)
-    attention.prove_live(stack, bindings)
+    attentions = attention_modules(stack)
+    bindings = attention.patch_decoder(stack, attentions, hf.pdf_state)
+    try:
+        attention.prove_live(stack, bindings)
+    except RuntimeError:  # leave the model as it was, not half patched
+        attention.unpatch_decoder(stack, attentions)
+        del hf.pdf_prefix, hf.pdf_state, hf.pdf_num_paths, hf.pdf_prefix_len
+        raise
     return model
 
 

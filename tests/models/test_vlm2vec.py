@@ -121,8 +121,16 @@ def test_a_patch_the_decoder_never_calls_is_refused():
     model = build_double("vendored-qwen2vl")
     layer = model.model.layers[1]
     layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states,)  # a layer that bypasses self_attn
+    inputs = build_double_inputs(model)
+    with torch.no_grad():
+        before = model(**inputs, output_hidden_states=True).hidden_states[-1]
     with pytest.raises(RuntimeError, match=r"patch is not live.*layers \[1\]"):
         models.apply_pdf(model, num_paths=2, prefix_len=2)
+    assert not hasattr(model, "pdf_prefix") and not any(hasattr(m, "_pdf") for m in model.modules())
+    with torch.no_grad():  # left as it was: unpatched, and patchable once the layer is fixed
+        assert torch.equal(model(**inputs, output_hidden_states=True).hidden_states[-1], before)
+    del layer.forward
+    models.apply_pdf(model, num_paths=2, prefix_len=2)
 
 
 def test_a_dry_forward_that_fails_is_reported():
