@@ -43,7 +43,7 @@ class Binding:
     state: PDFState
     layer: int
     signature: inspect.Signature  # the original forward's, to read arguments passed by position or keyword
-    outputs: int  # values the original returns: 3 for the older per-class attention (with a cache), else 2
+    outputs: int  # values the decoder layer unpacks: 3 for older per-class attention (with a cache), else 2
     mrope_section: list[int] | None  # Qwen2-VL before 4.53 hands the attention unmerged [3, B, L, D] rotary
     calls: int = field(default=0)
 
@@ -191,7 +191,7 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
     bindings = []
     for index, attn in enumerate(attentions):
         signature = inspect.signature(attn.forward)
-        outputs = 3 if "output_attentions" in signature.parameters else 2  # the pre-4.48 per-class convention
+        outputs = 3 if "output_attentions" in signature.parameters else 2  # a guess: prove_live settles it
         attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config))
         attn.forward = types.MethodType(pdf_forward, attn)
         bindings.append(attn._pdf)
@@ -208,17 +208,36 @@ def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
             del attn.forward, attn._pdf
 
 
-def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:
-    """A two-token dry forward of the patched language model; every layer must have run the PDF attention."""
+def _dry_forward(stack: nn.Module) -> None:
     embed = stack.embed_tokens.weight
+    with torch.no_grad():
+        # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
+        stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]),
+              attention_mask=embed.new_ones(1, 2, dtype=torch.long), use_cache=False)
+
+
+def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:
+    """A two-token dry forward of the patched language model; every layer must have run the PDF attention.
+
+    It also settles how many values the attention returns: the signature's guess (3 where the forward takes
+    ``output_attentions``) is wrong for some releases (4.53 to 5.0 keep the parameter but return 2), and the
+    decoder layer's own unpacking tells."""
     before = [b.calls for b in bindings]
     modes = {m: m.training for m in stack.modules()}
     state = stack._pdf_state
     paths, state.paths = state.paths, (0,)
     stack.eval()
     try:
-        with torch.no_grad():
-            stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]), use_cache=False)
+        guess = bindings[0].outputs
+        for outputs in (guess, 5 - guess):  # 2 or 3
+            for binding in bindings:
+                binding.outputs = outputs
+            try:
+                _dry_forward(stack)
+                break
+            except ValueError as exc:  # "too many values to unpack" / "not enough values to unpack"
+                if "to unpack" not in str(exc) or outputs != guess:
+                    raise
     except Exception as exc:
         raise RuntimeError(f"apply_pdf: the dry forward of the patched language model failed: {exc!r}") from exc
     finally:

@@ -151,7 +151,8 @@ def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | 
     reps = []
     for path in (0, 1):
         reference = copy.deepcopy(unpatched)
-        reference.encoder = float64_reference(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"])
+        reference.encoder = float64_reference(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"],
+                                              attention_modules(decoder_stack(hf))[0]._pdf.outputs)
         with torch.no_grad():
             double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
             expected = reference.encode_input(double)

@@ -8,7 +8,6 @@ the mask is built from the inputs' 2-D padding mask, and the softmax is written 
 from __future__ import annotations
 
 import copy
-import inspect
 import sys
 import types
 
@@ -21,7 +20,8 @@ from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
 def _rotary(attn: nn.Module, q, k, cos, sin):
     source = sys.modules[type(attn).__module__]
     if cos.dim() == 4:  # Qwen2-VL's older multimodal rotary [3, B, L, D]
-        return source.apply_multimodal_rotary_pos_emb(q, k, cos, sin, attn.rope_scaling["mrope_section"])
+        rope = getattr(attn, "rope_scaling", None) or attn.rope_parameters  # the name changed in 5.0
+        return source.apply_multimodal_rotary_pos_emb(q, k, cos, sin, rope["mrope_section"])
     return source.apply_rotary_pos_emb(q, k, cos, sin)
 
 
@@ -44,12 +44,12 @@ def _forward(self, hidden_states, position_embeddings=None, **kwargs):
     return (out, None) if spec["outputs"] == 2 else (out, None, None)
 
 
-def float64_reference(model: nn.Module, prefix: torch.Tensor, path: int, padding) -> nn.Module:
+def float64_reference(model: nn.Module, prefix: torch.Tensor, path: int, padding, outputs: int) -> nn.Module:
     """A float64 copy of the unpatched ``model`` whose text attention concatenates ``prefix[:, path]``;
-    ``padding()`` returns the ``[B, L]`` padding mask of the current inputs."""
+    ``padding()`` returns the ``[B, L]`` padding mask of the current inputs; ``outputs``: how many values its
+    decoder layers unpack from the attention (what ``apply_pdf`` found for the patched model)."""
     reference = copy.deepcopy(model).double()
     for layer, attn in enumerate(attention_modules(decoder_stack(hf_model(reference)))):
-        outputs = 3 if "output_attentions" in inspect.signature(attn.forward).parameters else 2
         attn._reference = {"prefix": prefix.detach().double(), "layer": layer, "path": path, "padding": padding,
                            "outputs": outputs}
         attn.forward = types.MethodType(_forward, attn)

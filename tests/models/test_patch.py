@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pdfkernels import backend, models
-from pdfkernels.models.layout import attention_modules, decoder_stack, vision_tower
+from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model, vision_tower
 from pdfkernels.models.patch import last_token
 from tests.models.builders import KINDS, build_inputs, build_model, mm_token_types
 from tests.models.reference import float64_reference
@@ -17,6 +17,11 @@ def _pooled_unpatched(model, inputs):
     with torch.no_grad():
         hidden = models.patch.inner_model(model)(**inputs, use_cache=False).last_hidden_state
     return last_token(hidden, inputs["attention_mask"])
+
+
+def _outputs(model):
+    """How many values the patched model's decoder layers unpack from their attention."""
+    return attention_modules(decoder_stack(hf_model(model)))[0]._pdf.outputs
 
 
 def _rel(a, b):
@@ -48,7 +53,8 @@ def test_single_path_equals_float64_concatenated_prefix_reference(kind, padding)
     models.apply_pdf(model, num_paths=3, prefix_len=5)
     double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     for path in range(3):
-        reference = float64_reference(unpatched, model.pdf_prefix, path, lambda: inputs["attention_mask"])
+        reference = float64_reference(unpatched, model.pdf_prefix, path, lambda: inputs["attention_mask"],
+                                      _outputs(model))
         expected = _pooled_unpatched(reference, double)
         with torch.no_grad():
             got = models.encode(model, inputs, path)[0]

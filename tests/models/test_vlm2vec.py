@@ -46,6 +46,11 @@ def _as_double(inputs):
     return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
 
 
+def _outputs(model):
+    """How many values the patched model's decoder layers unpack from their attention."""
+    return attention_modules(decoder_stack(hf_model(model)))[0]._pdf.outputs
+
+
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -77,7 +82,8 @@ def test_vlm2vec_flow(kind, impl, reentrant):
 
     reps = []
     for path in (0, 1):
-        reference = MMEBModel(float64_reference(plain.encoder, prefix, path, lambda: inputs["attention_mask"]))
+        reference = MMEBModel(float64_reference(plain.encoder, prefix, path, lambda: inputs["attention_mask"],
+                                                       _outputs(model)))
         with torch.no_grad():
             expected = reference.encode_input(_as_double(inputs))
             with models.use_paths(model, path):
