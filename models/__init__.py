@@ -1,10 +1,10 @@
-"""Model-side PDF: deep prefixes patched into Hugging Face Qwen2-VL and LLaVA(-Next), path control, the
+"""Model-side PDF: deep prefixes patched into Qwen2-VL and LLaVA(-Next) (Hugging Face or VLM2Vec), path control, the
 aggregator and the vCLUB estimator, and saving/loading the PDF weights."""
 
 from .aggregator import Aggregator
 from .checkpoint import load_pdf, save_pdf
-from .patch import SUPPORTED, apply_pdf, encode, last_token, mark_pdf_trainable, pdf_parameters, use_paths
+from .patch import SUPPORTED, apply_pdf, encode, last_token, mark_pdf_trainable, pdf_parameters, text_config, use_paths
 from .vclub import VCLUB
 
 __all__ = ["SUPPORTED", "Aggregator", "VCLUB", "apply_pdf", "encode", "last_token", "load_pdf",
-           "mark_pdf_trainable", "pdf_parameters", "save_pdf", "use_paths"]
+           "mark_pdf_trainable", "pdf_parameters", "save_pdf", "text_config", "use_paths"]

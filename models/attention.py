@@ -1,37 +1,54 @@
-"""Our attention and mask functions, registered in transformers' interfaces under one name.
+"""The PDF forward given to each text attention module of a patched model, and how the paths reach it.
 
-The language model's attention modules call ``pdf_attention`` through ``AttentionInterface``; the mask
-function registered beside it (``AttentionMaskInterface``; without one, transformers silently drops the
-padding mask) hands over the ``[B, L]`` key padding mask instead of materialising ``[B, 1, L, L]``. Which
-prefix a row uses comes from the ``PDFState`` of the patched model, looked up per attention module in a
-weak dictionary, so no module is replaced or modified.
+One code path for every supported transformers release and for VLM2Vec's vendored models: each text
+attention module keeps its own projections (peft LoRA/DoRA included) and gets an instance ``forward`` that
+applies the rotary embedding it is handed and calls ``prefix_attention``. Nothing goes through transformers'
+attention registries, which older releases and vendored per-class dispatch never consult.
+
+**Paths** never travel as a keyword (older models reject unknown keywords). A forward hook on the decoder
+stack's rotary embedding tags the position embeddings of each forward with the active paths (a fresh view of
+``cos`` per forward); every layer receives that same object, and gradient checkpointing (reentrant or not)
+replays the layer with it, so a recompute in a backward that runs after ``use_paths`` has exited still uses
+the paths of its own forward.
 """
 
 from __future__ import annotations
 
-import weakref
+import inspect
+import types
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from torch import nn
 
 from pdfkernels.prefix_attention import prefix_attention_known_paths
 
-ATTENTION_NAME = "pdf_prefix"
-PATHS_KWARG = "pdf_paths"  # the language model's forward kwarg carrying the active paths: a tuple, () = none
+from .masks import key_padding_mask
+
+PATHS_ATTR = "_pdf_paths"  # on the cos tensor of a forward's position embeddings: a tuple of path ids
 
 
 @dataclass
 class PDFState:
-    """The patched model's prefix parameter and the paths a forward outside ``use_paths`` runs (None: no prefix)."""
+    """The patched model's prefix and the paths of its next forwards: a tuple of ids, () = no prefix."""
 
-    prefix: torch.nn.Parameter  # [layers, N, 2, Hkv, K, D]
-    paths: list[int] | None = field(default_factory=lambda: [0])
+    prefix: nn.Parameter  # [layers, N, 2, Hkv, K, D]
+    paths: tuple[int, ...] = (0,)
 
 
+@dataclass
+class Binding:
+    """What one attention module's PDF forward needs besides its own weights."""
 
-def path_ids_for(paths: list[int], batch: int, device: torch.device) -> torch.Tensor:
+    state: PDFState
+    layer: int
+    signature: inspect.Signature  # the original forward's, to read arguments passed by position or keyword
+    outputs: int  # values the decoder layer unpacks: 3 for older per-class attention (with a cache), else 2
+    mrope_section: list[int] | None  # Qwen2-VL before 4.53 hands the attention unmerged [3, B, L, D] rotary
+    calls: int = field(default=0)
+
+
+def path_ids_for(paths: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
     """Path id per row; with k paths the batch is k copies of the inputs, path-major."""
     k = len(paths)
     if batch % k:
@@ -40,80 +57,194 @@ def path_ids_for(paths: list[int], batch: int, device: torch.device) -> torch.Te
     return torch.tensor(paths, device=device).repeat_interleave(batch // k)
 
 
-_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> (state, layer index)
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def bind(module: torch.nn.Module, state: PDFState, layer: int) -> None:
-    _STATES[module] = (state, layer)
+def _rotary(cos: torch.Tensor, sin: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin as ``[B, 1, L, D]``; Qwen2-VL's older ``[3, B, L, D]`` take their sections from temporal, height
+    and width in turn."""
+    if cos.dim() == 4:
+        if mrope_section is None:
+            raise RuntimeError("pdf attention: got multimodal rotary embeddings [3, B, L, D] but the config has no "
+                               "mrope_section")
+        sections = list(mrope_section) * 2
+        cos, sin = (torch.cat([part[i % 3] for i, part in enumerate(t.split(sections, dim=-1))], dim=-1)
+                    for t in (cos, sin))
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
-def pdf_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                  sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: query ``[B, H, L, D]``, key/value ``[B, Hkv, L, D]``, mask ``[B, L]``
-    bool (from ``pdf_mask``) or None. Returns ``([B, L, H, D], None)``."""
-    if module not in _STATES:
-        raise RuntimeError("pdf attention: this attention module is not part of a model patched by "
-                           "models.apply_pdf (set another attn_implementation on unpatched models)")
-    state, layer = _STATES[module]
-    if dropout and module.training:
+def _sliding_window(module: nn.Module) -> int | None:
+    if hasattr(module, "sliding_window"):  # transformers 5.x sets it per layer (None for full attention)
+        return module.sliding_window
+    config = module.config
+    return getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+
+
+def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
+    bound = dict(signature.bind(*args, **kwargs).arguments)
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
+
+
+def pdf_forward(self: nn.Module, *args, **kwargs):
+    """The attention module's forward with the active path's prefix keys/values in front of its own."""
+    binding: Binding = self._pdf
+    call = _arguments(binding.signature, args, kwargs)
+    hidden = call[next(iter(binding.signature.parameters))]  # the first parameter in every version
+    position_embeddings = call.get("position_embeddings")
+    if position_embeddings is None:
+        raise RuntimeError("pdf attention: the decoder layer passed no position_embeddings")
+    paths = getattr(position_embeddings[0], PATHS_ATTR, None)
+    if paths is None:
+        raise RuntimeError("pdf attention: these position embeddings were not made by the patched model's rotary "
+                           "embedding (call the model or its language model, not a layer on its own)")
+    if getattr(self, "attention_dropout", 0.0) and self.training:
         raise NotImplementedError("pdf attention: attention dropout is not supported (the model has "
-                                  f"attention_dropout={dropout}); set it to 0")
-    if query.shape[2] != key.shape[2]:
-        raise NotImplementedError("pdf attention: a key/value cache (incremental decoding) is not supported; "
-                                  "call the model with use_cache=False")
-    if sliding_window is not None and key.shape[2] > sliding_window:
-        raise NotImplementedError(f"pdf attention: sequence of {key.shape[2]} tokens exceeds the sliding window "
-                                  f"({sliding_window}), which the prefix kernels do not implement")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise RuntimeError("pdf attention: expected the [B, L] key padding mask of the 'pdf_prefix' mask function; "
-                           "set the model's attention implementation with models.apply_pdf")
-    # the paths travel with the forward's kwargs (set by use_paths), so that a gradient-checkpointing
-    # recompute in the backward sees the paths of its forward; outside use_paths, the state's default
-    paths = kwargs.get(PATHS_KWARG, state.paths)
-    if paths is None or len(paths) == 0:  # the plain model: no prefix keys
-        prefix = state.prefix.new_zeros(1, key.shape[1], 0, key.shape[3]).to(query.dtype)
-        prefix_k = prefix_v = prefix
-        path_ids = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    else:
-        layer_prefix = state.prefix[layer].to(query.dtype)  # [N, 2, Hkv, K, D]
+                                  f"attention_dropout={self.attention_dropout}); set it to 0")
+    if not getattr(self, "is_causal", True):
+        raise NotImplementedError("pdf attention: only causal text attention is supported")
+    batch, length, _ = hidden.shape
+    window = _sliding_window(self)
+    if window is not None and length > window:
+        raise NotImplementedError(f"pdf attention: sequence of {length} tokens exceeds the sliding window "
+                                  f"({window}), which the prefix kernels do not implement")
+    head_dim = self.head_dim
+    query = self.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    key = self.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    value = self.v_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = _rotary(*position_embeddings, binding.mrope_section)
+    query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    # under autocast the projections are half precision while cos/sin may be float32: one dtype for the kernel
+    query, key = query.to(value.dtype), key.to(value.dtype)
+    cache = call.get("past_key_values", call.get("past_key_value"))
+    if cache is not None:  # allowed only as an empty cache filled once (a full forward with use_cache=True)
+        if cache.get_seq_length(self.layer_idx) > 0:
+            raise NotImplementedError("pdf attention: a key/value cache (incremental decoding) is not supported; "
+                                      "call the model with use_cache=False")
+        cache.update(key, value, self.layer_idx)
+    padding = key_padding_mask(call.get("attention_mask"), batch, length)
+    if paths:
+        layer_prefix = binding.state.prefix[binding.layer].to(query.dtype)  # [N, 2, Hkv, K, D]
         prefix_k, prefix_v = layer_prefix[:, 0], layer_prefix[:, 1]
-        path_ids = path_ids_for(list(paths), query.shape[0], query.device)
+        path_ids = path_ids_for(paths, batch, query.device)
+    else:  # the plain model: no prefix keys
+        prefix_k = prefix_v = query.new_zeros(1, key.shape[1], 0, head_dim)
+        path_ids = torch.zeros(batch, dtype=torch.long, device=query.device)
     # path ids come from paths use_paths validated: skip the per-layer range check (a device sync)
-    out = prefix_attention_known_paths(query, key, value, prefix_k, prefix_v, path_ids,
-                                       key_padding_mask=attention_mask,
-                                       causal=getattr(module, "is_causal", True), softmax_scale=scaling)
-    return out.transpose(1, 2), None
+    out = prefix_attention_known_paths(query, key, value, prefix_k, prefix_v, path_ids, key_padding_mask=padding,
+                                       causal=True, softmax_scale=getattr(self, "scaling", None))
+    out = self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    binding.calls += 1
+    return (out, None) if binding.outputs == 2 else (out, None, cache)
 
 
-def pdf_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-             mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """The ``[B, L]`` bool key padding mask (None when nothing is padded). Refuses what the kernels cannot do:
-    caches (offsets) and masks other than causal (checked by evaluating ``mask_function`` on the grid)."""
-    if q_offset or kv_offset or q_length != kv_length:
-        raise NotImplementedError("pdf attention: a key/value cache (incremental decoding) is not supported; "
-                                  "call the model with use_cache=False")
-    if mask_function is not None:
-        device = kwargs.get("device", "cpu")
-        q_idx = torch.arange(q_length, device=device)[:, None]
-        kv_idx = torch.arange(kv_length, device=device)[None, :]
-        batch_idx = torch.zeros((), dtype=torch.long, device=device)
-        expected = kv_idx <= q_idx
-        try:
-            got = mask_function(batch_idx, batch_idx, q_idx, kv_idx)
-        except Exception as exc:  # an overlay we cannot evaluate on index grids
-            raise NotImplementedError(f"pdf attention: unsupported attention mask overlay ({exc})") from exc
-        if not torch.equal(torch.as_tensor(got, device=device).expand_as(expected), expected):
-            raise NotImplementedError("pdf attention: the model asks for a mask other than causal (a sliding window "
-                                      "shorter than the sequence, packed sequences or an overlay), which the prefix "
-                                      "kernels do not implement")
-    if attention_mask is None:
+def _tag_paths(rotary: nn.Module, args, output):
+    """Forward hook on the rotary embedding: a fresh cos view per forward, tagged with the active paths."""
+    cos, sin = output
+    cos = cos.view_as(cos)
+    setattr(cos, PATHS_ATTR, rotary._pdf_state.paths)
+    return cos, sin
+
+
+def _repeat_batch(name: str, value, k: int, batch: int):
+    """Repeat a language-model input k times along its batch dimension, path-major."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return value
+    if name == "position_ids" and value.dim() == 3:  # Qwen2-VL multimodal rope ids [3 or 4, B, L]
+        return value.repeat(1, k, 1)
+    if value.shape[0] == batch:
+        return value.repeat(k, *([1] * (value.dim() - 1)))
+    return value
+
+
+def _repeat_for_paths(stack: nn.Module, args, kwargs):
+    """Forward pre-hook on the decoder stack: with k > 1 active paths, its inputs are repeated k times."""
+    k = len(stack._pdf_state.paths)
+    if k <= 1:
         return None
-    mask = attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-    return None if bool(mask.all()) else mask
+    if args:
+        raise RuntimeError("use_paths with several paths needs the language model called with keyword arguments")
+    reference = kwargs.get("inputs_embeds")
+    reference = reference if reference is not None else kwargs.get("input_ids")
+    if reference is None:
+        raise RuntimeError("use_paths: the language model got neither inputs_embeds nor input_ids")
+    return args, {key: _repeat_batch(key, value, k, reference.shape[0]) for key, value in kwargs.items()}
 
 
-def register() -> None:
-    """Register under ``ATTENTION_NAME`` in both interfaces (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, pdf_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, pdf_mask)
+def _mrope_section(attn: nn.Module, config) -> list[int] | None:
+    for rope in (getattr(attn, "rope_scaling", None), getattr(config, "rope_scaling", None),
+                 getattr(config, "rope_parameters", None)):
+        if isinstance(rope, dict) and rope.get("mrope_section"):
+            return list(rope["mrope_section"])
+    return None
+
+
+def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState) -> list[Binding]:
+    """Give each attention module the PDF forward and hook the stack; returns the bindings (their call counts)."""
+    stack._pdf_state = stack.rotary_emb._pdf_state = state
+    stack._pdf_hooks = (stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True),
+                        stack.rotary_emb.register_forward_hook(_tag_paths))
+    bindings = []
+    for index, attn in enumerate(attentions):
+        signature = inspect.signature(attn.forward)
+        outputs = 3 if "output_attentions" in signature.parameters else 2  # a guess: prove_live settles it
+        attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config))
+        attn.forward = types.MethodType(pdf_forward, attn)
+        bindings.append(attn._pdf)
+    return bindings
+
+
+def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
+    """Undo ``patch_decoder`` (after a failed proof): the modules' own forwards and no hooks again."""
+    for handle in stack._pdf_hooks:
+        handle.remove()
+    del stack._pdf_hooks, stack._pdf_state, stack.rotary_emb._pdf_state
+    for attn in attentions:
+        if hasattr(attn, "_pdf"):
+            del attn.forward, attn._pdf
+
+
+def _dry_forward(stack: nn.Module) -> None:
+    embed = stack.embed_tokens.weight
+    with torch.no_grad():
+        # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
+        stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]),
+              attention_mask=embed.new_ones(1, 2, dtype=torch.long), use_cache=False)
+
+
+def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:
+    """A two-token dry forward of the patched language model; every layer must have run the PDF attention.
+
+    It also settles how many values the attention returns: the signature's guess (3 where the forward takes
+    ``output_attentions``) is wrong for some releases (4.53 to 5.0 keep the parameter but return 2), and the
+    decoder layer's own unpacking tells."""
+    before = [b.calls for b in bindings]
+    modes = {m: m.training for m in stack.modules()}
+    state = stack._pdf_state
+    paths, state.paths = state.paths, (0,)
+    stack.eval()
+    try:
+        guess = bindings[0].outputs
+        for outputs in (guess, 5 - guess):  # 2 or 3
+            for binding in bindings:
+                binding.outputs = outputs
+            try:
+                _dry_forward(stack)
+                break
+            except ValueError as exc:  # "too many values to unpack" / "not enough values to unpack"
+                if "to unpack" not in str(exc) or outputs != guess:
+                    raise
+    except Exception as exc:
+        raise RuntimeError(f"apply_pdf: the dry forward of the patched language model failed: {exc!r}") from exc
+    finally:
+        state.paths = paths
+        for module, training in modes.items():
+            module.training = training
+    missed = [i for i, b in enumerate(bindings) if b.calls == before[i]]
+    if missed:
+        raise RuntimeError(f"apply_pdf: the patch is not live: the language model's forward did not call the PDF "
+                           f"attention in layers {missed} (its decoder layers do not call their self_attn)")

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .patch import _hf_model, _text_geometry
+from .layout import geometry, hf_model
 
 
 def _describe(model: nn.Module) -> dict:
-    hf = _hf_model(model)
-    layers, kv_heads, head_dim = _text_geometry(hf)
+    hf = hf_model(model)
+    layers, kv_heads, head_dim = geometry(hf)
     return {"model_type": type(hf).__name__, "num_paths": hf.pdf_num_paths, "prefix_len": hf.pdf_prefix_len,
             "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
 
@@ -23,7 +23,7 @@ def _describe(model: nn.Module) -> dict:
 def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
              estimator: nn.Module | None = None) -> None:
     """Write ``prefix`` and the aggregator's/estimator's weights to ``path`` atomically (temporary file, rename)."""
-    hf = _hf_model(model)
+    hf = hf_model(model)
     tensors = {"prefix": hf.pdf_prefix.detach().contiguous().cpu()}
     for name, module in (("aggregator", aggregator), ("estimator", estimator)):
         if module is not None:
@@ -40,10 +40,23 @@ def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
             os.remove(tmp)
 
 
+def _check_fits(path, name: str, module: nn.Module, state: dict) -> None:
+    if not state:
+        raise ValueError(f"load_pdf: {path} holds no {name} weights")
+    own = module.state_dict()
+    wrong = sorted(k for k in own.keys() | state.keys()
+                   if k not in own or k not in state or tuple(own[k].shape) != tuple(state[k].shape))
+    if wrong:
+        details = ", ".join(f"{k}: file {tuple(state[k].shape) if k in state else 'missing'}, "
+                            f"module {tuple(own[k].shape) if k in own else 'missing'}" for k in wrong)
+        raise ValueError(f"load_pdf: the {name} weights in {path} do not fit the given {name} ({details})")
+
+
 def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
              estimator: nn.Module | None = None) -> dict:
     """Load what ``save_pdf`` wrote into a patched model (and the given modules); returns the stored description.
-    A model of another type or shape (N, K, layers, KV heads, head_dim) is refused with a clear error."""
+    A model of another type or shape (N, K, layers, KV heads, head_dim), or an aggregator/estimator whose weights
+    differ in name or shape, is refused with a clear error before anything is loaded."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -56,14 +69,15 @@ def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
         details = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"load_pdf: {path} does not fit this model ({details})")
     tensors = load_file(str(path))
-    hf = _hf_model(model)
+    states = {}
+    for name, module in (("aggregator", aggregator), ("estimator", estimator)):
+        if module is not None:
+            states[name] = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            _check_fits(path, name, module, states[name])
+    # everything fits: only now is anything overwritten (never a half-loaded model)
+    hf = hf_model(model)
     with torch.no_grad():
         hf.pdf_prefix.copy_(tensors["prefix"].to(hf.pdf_prefix.dtype))
-    for name, module in (("aggregator", aggregator), ("estimator", estimator)):
-        if module is None:
-            continue
-        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        if not state:
-            raise ValueError(f"load_pdf: {path} holds no {name} weights")
-        module.load_state_dict(state)
+    for name, state in states.items():
+        (aggregator if name == "aggregator" else estimator).load_state_dict(state)
     return stored

@@ -14,17 +14,25 @@ from transformers import (
 IMAGE_TOKEN_ID = 5  # tiny models: the image placeholder token id
 
 
+def _qwen2vl(text: dict, vision: dict, mrope_section: list[int], rope_theta: float, **extra) -> Qwen2VLConfig:
+    """A Qwen2-VL config that builds the same model on transformers 4.52 (which reads the text fields flat, as
+    real checkpoints store them) and 5.x (nested ``text_config``; ``rope_scaling`` becomes ``rope_parameters``)."""
+    text = dict(text, rope_theta=rope_theta, rope_scaling={"type": "mrope", "mrope_section": mrope_section})
+    return Qwen2VLConfig(**text, text_config=dict(text), vision_config=vision, **extra)
+
+
+_TINY_SPECIAL_IDS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1,
+                         vision_start_token_id=IMAGE_TOKEN_ID + 2, vision_end_token_id=IMAGE_TOKEN_ID + 3)
+
+
 def tiny_qwen2vl(vocab_size: int = 128) -> Qwen2VLConfig:
     """Qwen2-VL architecture, 2 text layers of width 64 (4 heads / 2 KV heads), a 1-block vision tower."""
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[2, 3, 3]),
-                         tie_word_embeddings=True),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1, vision_start_token_id=IMAGE_TOKEN_ID + 2,
-        vision_end_token_id=IMAGE_TOKEN_ID + 3)
+    return _qwen2vl(
+        dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+        dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        mrope_section=[2, 3, 3], rope_theta=1e4, **_TINY_SPECIAL_IDS)
 
 
 def _tiny_text(kind: str, vocab_size: int):
@@ -53,26 +61,24 @@ def tiny_llava(vocab_size: int = 128) -> LlavaConfig:
 
 def qwen2vl_2b() -> Qwen2VLConfig:
     """The Qwen2-VL-2B architecture (2,208,985,600 parameters), for speed work with random weights."""
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
-                         tie_word_embeddings=True, rms_norm_eps=1e-6),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        tie_word_embeddings=True)
+    return _qwen2vl(
+        dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+             num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+             tie_word_embeddings=True, rms_norm_eps=1e-6),
+        dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        mrope_section=[16, 24, 24], rope_theta=1e6)
 
 
 def qwen2vl_7b() -> Qwen2VLConfig:
     """The Qwen2-VL-7B architecture, for speed work with random weights."""
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]),
-                         tie_word_embeddings=False, rms_norm_eps=1e-6),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        tie_word_embeddings=False)
+    return _qwen2vl(
+        dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+             num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+             tie_word_embeddings=False, rms_norm_eps=1e-6),
+        dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        mrope_section=[16, 24, 24], rope_theta=1e6)
 
 
 def llava_next_7b() -> LlavaNextConfig:
@@ -89,12 +95,10 @@ def llava_next_7b() -> LlavaNextConfig:
 
 def small_qwen2vl() -> Qwen2VLConfig:
     """A small Qwen2-VL (4 layers of width 256, head_dim 64) for CPU timing of the model-level overheads."""
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[8, 12, 12]),
-                         tie_word_embeddings=True),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1, vision_start_token_id=IMAGE_TOKEN_ID + 2,
-        vision_end_token_id=IMAGE_TOKEN_ID + 3)
+    return _qwen2vl(
+        dict(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+             tie_word_embeddings=True),
+        dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
+             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        mrope_section=[8, 12, 12], rope_theta=1e4, **_TINY_SPECIAL_IDS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import (
     LlavaForConditionalGeneration,
@@ -10,6 +12,7 @@ from transformers import (
 )
 
 from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2vl
+from pdfkernels.models.layout import hf_model
 
 KINDS = ["qwen2vl", "llava-next-mistral", "llava-next-llama", "llava"]
 PAD = 0
@@ -34,6 +37,13 @@ def _image_block(kind: str, model) -> list[int]:
     return [IMAGE_TOKEN_ID] * (52 if kind.startswith("llava-next") else 16)
 
 
+def mm_token_types(model, ids: torch.Tensor) -> dict:
+    """Qwen2-VL's ``mm_token_type_ids`` (0 text, 1 image) where the installed transformers takes them (5.x)."""
+    if "mm_token_type_ids" not in inspect.signature(type(hf_model(model).model).forward).parameters:
+        return {}
+    return {"mm_token_type_ids": (ids == IMAGE_TOKEN_ID).long()}
+
+
 def build_inputs(kind: str, model, padding: str = "left", batch: int = 3) -> dict:
     """Rows alternate image+text and text-only, with different lengths, padded on ``padding``."""
     rows, images = [], 0
@@ -55,7 +65,7 @@ def build_inputs(kind: str, model, padding: str = "left", batch: int = 3) -> dic
     if kind == "qwen2vl":
         inputs["pixel_values"] = torch.randn(images * 16, 3 * 2 * 4 * 4)
         inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * images)
-        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN_ID).long()
+        inputs.update(mm_token_types(model, ids))
     elif kind.startswith("llava-next"):
         inputs["pixel_values"] = torch.randn(images, 3, 3, 16, 16)
         inputs["image_sizes"] = torch.tensor([[16, 32]] * images)

@@ -44,3 +44,17 @@ def test_missing_module_weights_are_refused(tmp_path):
     models.save_pdf(path, _patched())
     with pytest.raises(ValueError, match="holds no aggregator weights"):
         models.load_pdf(path, _patched(), aggregator=models.Aggregator(64, 2))
+
+
+@pytest.mark.parametrize("module", ["aggregator", "estimator"])
+def test_a_module_of_another_shape_is_refused_before_anything_is_loaded(tmp_path, module):
+    path = tmp_path / "pdf.safetensors"
+    models.save_pdf(path, _patched(seed=1), models.Aggregator(64, 2), models.VCLUB(64))
+    target = _patched(seed=2)
+    prefix = target.pdf_prefix.detach().clone()
+    wrong = {"aggregator": models.Aggregator(64, 3), "estimator": models.VCLUB(32)}[module]
+    untouched = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(ValueError, match=f"the {module} weights in .* do not fit"):
+        models.load_pdf(path, target, **{module: wrong})
+    assert torch.equal(target.pdf_prefix, prefix), "the prefix must not be overwritten by a refused load"
+    assert all(torch.equal(v, untouched[k]) for k, v in wrong.state_dict().items())

@@ -4,39 +4,24 @@ import copy
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from pdfkernels import backend, models
-from pdfkernels.models.patch import last_token, vision_tower
-from tests.models.builders import KINDS, build_inputs, build_model
-
-REFERENCE = {}  # what the independent reference attention reads: the prefix tensor and the path
-
-
-def _reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The unpatched model's attention with prefix p's K/V concatenated in front, visible to every query."""
-    b, h, length, d = query.shape
-    prefix = REFERENCE["prefix"][module.layer_idx, REFERENCE["path"]]  # [2, Hkv, K, D]
-    num_prefix = prefix.shape[2]
-    keys = torch.cat([prefix[0].expand(b, -1, -1, -1), key], dim=2).repeat_interleave(h // key.shape[1], dim=1)
-    values = torch.cat([prefix[1].expand(b, -1, -1, -1), value], dim=2).repeat_interleave(h // key.shape[1], dim=1)
-    own = attention_mask if attention_mask is not None else torch.ones(length, length, dtype=torch.bool).tril()
-    own = own.expand(b, 1, length, length)
-    visible = torch.cat([torch.ones(b, 1, length, num_prefix, dtype=torch.bool), own], dim=-1)
-    scores = (query @ keys.transpose(-1, -2)) * scaling
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return (probs @ values).transpose(1, 2), None
-
-
-AttentionInterface.register("pdf_test_reference", _reference_attention)
-AttentionMaskInterface.register("pdf_test_reference", sdpa_mask)
+from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model, vision_tower
+from pdfkernels.models.patch import last_token
+from tests.models.builders import KINDS, build_inputs, build_model, mm_token_types
+from tests.models.reference import float64_reference
 
 
 def _pooled_unpatched(model, inputs):
     with torch.no_grad():
-        hidden = models.patch._inner(model)(**inputs, use_cache=False).last_hidden_state
+        hidden = models.patch.inner_model(model)(**inputs, use_cache=False).last_hidden_state
     return last_token(hidden, inputs["attention_mask"])
+
+
+def _outputs(model):
+    """How many values the patched model's decoder layers unpack from their attention."""
+    return attention_modules(decoder_stack(hf_model(model)))[0]._pdf.outputs
 
 
 def _rel(a, b):
@@ -61,19 +46,19 @@ def test_no_prefix_equals_unpatched(kind, padding):
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_single_path_equals_concatenated_prefix_reference(kind, padding):
+def test_single_path_equals_float64_concatenated_prefix_reference(kind, padding):
     model = build_model(kind)
     inputs = build_inputs(kind, model, padding)
-    reference_model = copy.deepcopy(model)
+    unpatched = copy.deepcopy(model)
     models.apply_pdf(model, num_paths=3, prefix_len=5)
-    reference_model.set_attn_implementation({"text_config": "pdf_test_reference"})
-    REFERENCE["prefix"] = model.pdf_prefix.detach()
+    double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     for path in range(3):
-        REFERENCE["path"] = path
-        expected = _pooled_unpatched(reference_model, inputs)
+        reference = float64_reference(unpatched, model.pdf_prefix, path, lambda: inputs["attention_mask"],
+                                      _outputs(model))
+        expected = _pooled_unpatched(reference, double)
         with torch.no_grad():
             got = models.encode(model, inputs, path)[0]
-        assert _rel(got, expected) <= 1e-5, f"path {path}"
+        assert _rel(got.double(), expected) <= 1e-5, f"path {path}"
 
 
 def test_k_paths_in_one_call_equal_single_calls_and_run_vision_once(kind):
@@ -181,15 +166,39 @@ def test_prefix_parameter_shape_dtype_and_distinct_paths():
                                       cfg.hidden_size // cfg.num_attention_heads)
     assert model.pdf_prefix.dtype == torch.float64
     assert not torch.equal(model.pdf_prefix[:, 0], model.pdf_prefix[:, 1])
-    assert model.config.vision_config._attn_implementation != "pdf_prefix"
+    text = set(attention_modules(decoder_stack(model)))
+    assert all(hasattr(m, "_pdf") for m in text)
+    assert not any(hasattr(m, "_pdf") for m in vision_tower(model).modules()), "the vision tower stays untouched"
 
 
 def test_k_paths_when_batch_equals_sequence_length():
     """A batch of B rows of length L = B once looked like rope ids [3|4, B, L] to the input repetition."""
     model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
     ids = torch.randint(10, 100, (4, 4))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **mm_token_types(model, ids)}
     with torch.no_grad():
         together = models.encode(model, inputs, [0, 1])
         singles = torch.stack([models.encode(model, inputs, p)[0] for p in (0, 1)])
     assert _rel(together, singles) <= 1e-5
+
+
+def test_a_deep_copy_of_a_patched_model_uses_its_own_prefix():
+    model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+    inputs = build_inputs("qwen2vl", model, "left")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = models.encode(model, inputs, 0)
+        twin.pdf_prefix.mul_(3.0)
+        assert torch.equal(models.encode(model, inputs, 0), before), "the original must not see the copy's prefix"
+        assert _rel(models.encode(twin, inputs, 0), before) > 1e-3
+        with models.use_paths(twin, None):  # the copy's paths are its own too
+            assert torch.equal(models.encode(model, inputs, 0), before)
+
+
+def test_a_sliding_window_shorter_than_the_sequence_is_refused():
+    model = build_model("llava-next-mistral")
+    models.text_config(model).sliding_window = 4  # the config the text layers read
+    models.apply_pdf(model, num_paths=2, prefix_len=2)  # the two-token dry forward fits the window
+    inputs = build_inputs("llava-next-mistral", model, "left")
+    with pytest.raises(NotImplementedError, match="sliding window"), torch.no_grad():
+        models.encode(model, inputs, 0)

@@ -1,0 +1,200 @@
+"""Check the patch against VLM2Vec's real code: ``python scripts/check_vlm2vec_real.py /path/to/VLM2Vec``.
+
+Run it in an environment with VLM2Vec's transformers (4.52.3), e.g. ``.venv-tf452/bin/python``. It loads
+VLM2Vec's vendored Qwen2-VL and LLaVA-NeXT modeling files and the ``MMEBModel`` class of its
+``src/model/model.py`` from the given checkout (their other imports: processors, baselines, are stubbed),
+saves tiny random backbones, and follows VLM2Vec's own path: ``MMEBModel.build`` (DoRA, Qwen2-VL with
+``flash_attention_2``), ``models.apply_pdf``, ``gradient_checkpointing_enable``, the unchanged
+``encode_input`` inside ``use_paths``, a backward after the block has exited. On a CPU flash-attn cannot
+run: construction is allowed to pick the flash classes (our forward replaces the text ones; the vision
+tower gets VLM2Vec's SDPA class), and the unpatched comparison runs the eager class on the same weights.
+Exits non-zero if any check fails. Nothing of VLM2Vec is copied into this repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import tempfile
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, PreTrainedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pdfkernels import models  # noqa: E402
+from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava_next, tiny_qwen2vl  # noqa: E402
+from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model  # noqa: E402
+from tests.models.builders import build_inputs  # noqa: E402
+from tests.models.reference import float64_reference  # noqa: E402
+
+FILES = {"qwen2_vl": "src/model/vlm_backbone/qwen2_vl/modeling_qwen2_vl.py",
+         "qwen2_vl_config": "src/model/vlm_backbone/qwen2_vl/configuration_qwen2_vl.py",
+         "llava_next": "src/model/baseline_backbone/llava_next/modeling_llava_next.py"}
+
+
+def _load_vlm2vec(checkout: Path) -> dict:
+    """VLM2Vec's modeling modules under their own package names, and its MMEBModel class."""
+    stub = types.ModuleType("src.utils.basic_utils")
+    stub.print_rank = stub.print_master = lambda message: None
+    for name in ("src", "src.utils", "src.model", "src.model.vlm_backbone", "src.model.vlm_backbone.qwen2_vl",
+                 "src.model.baseline_backbone", "src.model.baseline_backbone.llava_next"):
+        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
+    sys.modules["src.utils.basic_utils"] = stub
+    loaded = {}
+    for key in ("qwen2_vl_config", "qwen2_vl", "llava_next"):
+        path = checkout / FILES[key]
+        name = FILES[key][:-3].replace("/", ".")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        loaded[key] = module
+    qwen = loaded["qwen2_vl"].Qwen2VLForConditionalGeneration
+    llava = loaded["llava_next"].LlavaNextForConditionalGeneration
+    source = (checkout / "src/model/model.py").read_text()
+    names = dict(torch=torch, nn=torch.nn, dist=torch.distributed, Tensor=torch.Tensor, Dict=dict,
+                 PreTrainedModel=PreTrainedModel, AutoModelForCausalLM=transformers.AutoModelForCausalLM,
+                 AutoConfig=AutoConfig, LoraConfig=LoraConfig, get_peft_model=get_peft_model, PeftModel=PeftModel,
+                 ModelArguments=object, print_master=lambda message: None, VLM_IMAGE_TOKENS={}, Phi3VForCausalLM=None,
+                 LlavaNextForConditionalGeneration=llava,
+                 get_backbone_name=lambda hf_config, model_type=None: hf_config.model_type,
+                 backbone2model={"qwen2_vl": qwen, "llava_next": llava})
+    for constant in ("LLAVA_NEXT", "QWEN2_VL", "PHI3V", "QWEN2_5_VL", "INTERNVIDEO2", "QWEN2_VL_TOKENSELECTION",
+                     "QWEN2_5_VL_TOKENSELECTION", "E5_V", "GME", "LamRA", "LamRA_QWEN2_5", "COLPALI"):
+        names[constant] = constant.lower()
+    exec(compile(source[source.index("class MMEBModel"):], str(checkout / "src/model/model.py"), "exec"), names)
+    return {"MMEBModel": names["MMEBModel"], "qwen2_vl": loaded["qwen2_vl"], "llava_next": loaded["llava_next"]}
+
+
+def _save_tiny(kind: str, vlm2vec: dict) -> str:
+    folder = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    if kind == "qwen2_vl":  # flat, as a real checkpoint's config.json
+        tiny = tiny_qwen2vl()
+        special = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        text = {k: v for k, v in tiny.text_config.to_dict().items() if k not in ("model_type", "architectures",
+                                                                                   *special)}
+        config = transformers.Qwen2VLConfig(**text, vision_config=tiny.vision_config.to_dict(),
+                                            **{k: getattr(tiny, k) for k in special})
+        config._attn_implementation = "eager"
+        vlm2vec["qwen2_vl"].Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    else:
+        config = tiny_llava_next("mistral")
+        config._attn_implementation = "eager"
+        vlm2vec["llava_next"].LlavaNextForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+def _inputs(kind: str, model) -> dict:
+    if kind == "llava_next":  # VLM2Vec's collator gives [B, 1, ...]; encode_input squeezes dim 1
+        inputs = build_inputs("llava-next-mistral", model, "left")
+        pixels = inputs["pixel_values"]
+        inputs["pixel_values"] = torch.stack([pixels[0], torch.zeros_like(pixels[0]), pixels[1]]).unsqueeze(1)
+        inputs["image_sizes"] = torch.tensor([[16, 32]] * 3).unsqueeze(1)
+        return inputs
+    image = [7] + [IMAGE_TOKEN_ID] * 4 + [8]  # vision start, 4 merged patches, vision end
+    rows = [[11] + image + [13, 14, 15], [21, 22, 23, 24, 25], [31] + image + [33]]
+    length = max(map(len, rows))
+    ids, mask = torch.zeros(3, length, dtype=torch.long), torch.zeros(3, length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):], mask[b, length - len(row):] = torch.tensor(row), 1
+    # the vendored forward embeds images per row (a zero grid = no image) but computes rope positions from
+    # [images, 3] grids: hand it the positions from its own get_rope_index
+    positions = model.get_rope_index(ids, torch.tensor([[1, 4, 4]] * 2), None, mask)[0]
+    return dict(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=torch.randn(3, 16, 96),
+                image_grid_thw=torch.tensor([[[1, 4, 4]], [[0, 0, 0]], [[1, 4, 4]]]))
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | str, bool | None]]:
+    args = SimpleNamespace(model_name=_save_tiny(kind, vlm2vec), lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                           lora_target_modules="q_proj,k_proj,v_proj,o_proj,down_proj", pooling="last",
+                           normalize=False, temperature=0.02, model_backbone=kind)
+    model = vlm2vec["MMEBModel"].build(args).float()  # VLM2Vec loads bf16; fp32 for tight comparisons
+    with torch.no_grad():  # DoRA starts as the identity: perturb the adapters so they matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    hf = hf_model(model)
+    for block in getattr(getattr(hf, "visual", None), "blocks", []):
+        block.attn.__class__ = vlm2vec["qwen2_vl"].VisionSdpaAttention
+    unpatched = copy.deepcopy(model)
+    if kind == "qwen2_vl":
+        for attn in attention_modules(decoder_stack(hf_model(unpatched))):
+            attn.__class__ = vlm2vec["qwen2_vl"].Qwen2VLAttention
+        hf_model(unpatched).config._attn_implementation = "eager"
+    model.model_backbone = unpatched.model_backbone = kind
+    inputs = _inputs(kind, hf_model(unpatched))
+    rows = [("attention class (information)", type(decoder_stack(hf).layers[0].self_attn).__name__, None),
+            ("config._attn_implementation (information)", hf.config._attn_implementation, None)]
+
+    models.apply_pdf(model, num_paths=2, prefix_len=3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    with torch.no_grad():
+        expected = unpatched.encode_input(dict(inputs))
+        with models.use_paths(model, None):
+            got = model.encode_input(dict(inputs))
+    rows.append(("paths=None vs unpatched (rel)", _rel(got, expected), _rel(got, expected) <= 1e-5))
+    prefix = models.pdf_parameters(model)[0]
+    reps = []
+    for path in (0, 1):
+        reference = copy.deepcopy(unpatched)
+        reference.encoder = float64_reference(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"],
+                                              attention_modules(decoder_stack(hf))[0]._pdf.outputs)
+        with torch.no_grad():
+            double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+            expected = reference.encode_input(double)
+            with models.use_paths(model, path):
+                reps.append(model.encode_input(dict(inputs)))
+        error = _rel(reps[-1].double(), expected)
+        rows.append((f"path {path} vs float64 reference (rel)", error, error <= 1e-4))
+    rows.append(("path 0 vs path 1 (rel)", _rel(reps[0], reps[1]), _rel(reps[0], reps[1]) > 1e-3))
+    bindings = [m._pdf for m in attention_modules(decoder_stack(hf))]
+    before = sum(b.calls for b in bindings)
+    with models.use_paths(model, 1):
+        loss = model.encode_input(dict(inputs)).square().sum()
+    forward = sum(b.calls for b in bindings) - before
+    loss.backward()  # after the block, as VLM2Vec's Trainer
+    recompute = sum(b.calls for b in bindings) - before - forward
+    rows.append(("recompute calls after use_paths exited", recompute, recompute == forward > 0))
+    rows.append(("prefix grad, used path (abs sum)", prefix.grad[:, 1].abs().sum().item(),
+                 prefix.grad[:, 1].abs().sum().item() > 0))
+    rows.append(("prefix grad, other path (non-zeros)", torch.count_nonzero(prefix.grad[:, 0]).item(),
+                 torch.count_nonzero(prefix.grad[:, 0]).item() == 0))
+    return rows
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "src/model/model.py").is_file():
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    vlm2vec = _load_vlm2vec(Path(sys.argv[1]))
+    failed = 0
+    # no flash-attn on a CPU: let VLM2Vec's flash_attention_2 construction through (see the module docstring)
+    PreTrainedModel._check_and_enable_flash_attn_2 = classmethod(lambda cls, config, *args, **kwargs: config)
+    print(f"transformers {transformers.__version__}\n")
+    print("| model | checkpointing | check | value | ok |\n|---|---|---|---|---|")
+    for kind in ("qwen2_vl", "llava_next"):
+        for reentrant in (True, False):
+            for name, value, ok in check(kind, reentrant, vlm2vec):
+                value = f"{value:.2e}" if isinstance(value, float) else value
+                status = "–" if ok is None else "ok" if ok else "FAIL"
+                print(f"| {kind} | {'reentrant' if reentrant else 'non-reentrant'} | {name} | {value} | {status} |")
+                failed += ok is False
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

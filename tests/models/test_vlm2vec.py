@@ -1,0 +1,146 @@
+"""VLM2Vec's way of building and calling models, on Hugging Face classes and on doubles of VLM2Vec's vendored
+Qwen2-VL / LLaVA-NeXT: DoRA (as VLM2Vec wraps its backbone), inside ``MMEBModel``, gradient checkpointing
+on (reentrant and not), the unchanged ``encode_input`` inside ``use_paths``. Runs on every supported
+transformers release (the main CI run and ``scripts/compat-tf452.sh``)."""
+
+import copy
+
+import pytest
+import torch
+
+from pdfkernels import models
+from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
+from tests.models.builders import build_inputs, build_model
+from tests.models.reference import float64_reference
+from tests.models.vlm2vec_doubles import MMEBModel, build_double, build_double_inputs
+
+peft = pytest.importorskip("peft")
+
+CASES = [("qwen2vl", None), ("llava-next-mistral", None), ("vendored-qwen2vl", "flash_attention_2"),
+         ("vendored-qwen2vl", "sdpa"), ("vendored-qwen2vl", "eager"), ("vendored-llava-next", "sdpa"),
+         ("vendored-llava-next", "eager")]
+VLM2VEC_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def _build(kind, impl):
+    if kind.startswith("vendored"):
+        model = build_double(kind, impl)
+        return model, build_double_inputs(model, "left")
+    model = build_model(kind)
+    return model, build_inputs(kind, model, "left")
+
+
+def _dora(model):
+    """VLM2Vec's adapter: DoRA, gaussian init; the B matrices are then perturbed so the adapters matter."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=VLM2VEC_TARGETS, init_lora_weights="gaussian",
+                             use_dora=True, inference_mode=False)
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _as_double(inputs):
+    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def _outputs(model):
+    """How many values the patched model's decoder layers unpack from their attention."""
+    return attention_modules(decoder_stack(hf_model(model)))[0]._pdf.outputs
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _attention_calls(model):
+    return sum(m._pdf.calls for m in attention_modules(decoder_stack(hf_model(model))))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("kind, impl", CASES)
+def test_vlm2vec_flow(kind, impl, reentrant):
+    torch.manual_seed(0)
+    base, inputs = _build(kind, impl)
+    base.config.use_cache = False  # as MMEBModel.build does
+    encoder = _dora(base)
+    plain = MMEBModel(copy.deepcopy(encoder))
+    model = MMEBModel(encoder)
+    models.apply_pdf(model, num_paths=2, prefix_len=3)  # after peft, as a VLM2Vec user would
+    prefix = models.pdf_parameters(model)[0]
+    assert prefix.requires_grad
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+
+    with torch.no_grad():
+        expected = plain.encode_input(inputs)
+        with models.use_paths(model, None):
+            got = model.encode_input(inputs)
+    assert _rel(got, expected) <= 1e-5, "paths=None must equal the unpatched model"
+
+    reps = []
+    for path in (0, 1):
+        reference = MMEBModel(float64_reference(plain.encoder, prefix, path, lambda: inputs["attention_mask"],
+                                                       _outputs(model)))
+        with torch.no_grad():
+            expected = reference.encode_input(_as_double(inputs))
+            with models.use_paths(model, path):
+                reps.append(model.encode_input(inputs))
+        assert _rel(reps[-1].double(), expected) <= 1e-4, f"path {path}"
+    assert _rel(reps[0], reps[1]) > 1e-3, "the two paths must differ"
+
+    grads = []
+    for checkpointing in (True, False):
+        if not checkpointing:
+            model.encoder.gradient_checkpointing_disable()
+        prefix.grad = None
+        before = _attention_calls(model)
+        with models.use_paths(model, 1):
+            loss = model.encode_input(inputs).square().sum()
+        forward_calls = _attention_calls(model) - before
+        loss.backward()  # after the use_paths block, as a Hugging Face Trainer's backward runs
+        recompute_calls = _attention_calls(model) - before - forward_calls
+        assert recompute_calls == (forward_calls if checkpointing else 0)
+        grads.append(prefix.grad.clone())
+    assert grads[0][:, 1].abs().sum() > 0, "the used path's prefix must get gradients"
+    assert torch.count_nonzero(grads[0][:, 0]) == 0, "the other path's prefix must get none"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-llava-next"])
+def test_vendored_k_paths_in_one_call_equal_single_calls(kind):
+    torch.manual_seed(0)
+    base, inputs = _build(kind, "sdpa")
+    model = models.apply_pdf(MMEBModel(base), num_paths=3, prefix_len=2)  # MMEBModel without peft
+    with torch.no_grad():
+        together = models.encode(model, inputs, [2, 0])
+        singles = torch.stack([models.encode(model, inputs, p)[0] for p in (2, 0)])
+        with models.use_paths(model, 2):
+            pooled = model.encode_input(inputs)
+    assert _rel(together, singles) <= 1e-5
+    assert _rel(pooled, singles[0]) <= 1e-6
+
+
+def test_a_patch_the_decoder_never_calls_is_refused():
+    model = build_double("vendored-qwen2vl")
+    layer = model.model.layers[1]
+    layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states,)  # a layer that bypasses self_attn
+    inputs = build_double_inputs(model)
+    with torch.no_grad():
+        before = model(**inputs, output_hidden_states=True).hidden_states[-1]
+    with pytest.raises(RuntimeError, match=r"patch is not live.*layers \[1\]"):
+        models.apply_pdf(model, num_paths=2, prefix_len=2)
+    assert not hasattr(model, "pdf_prefix") and not any(hasattr(m, "_pdf") for m in model.modules())
+    with torch.no_grad():  # left as it was: unpatched, and patchable once the layer is fixed
+        assert torch.equal(model(**inputs, output_hidden_states=True).hidden_states[-1], before)
+    del layer.forward
+    models.apply_pdf(model, num_paths=2, prefix_len=2)
+
+
+def test_a_dry_forward_that_fails_is_reported():
+    model = build_double("vendored-qwen2vl")
+    model.model.layers[0].forward = lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("broken layer"))
+    with pytest.raises(RuntimeError, match="dry forward of the patched language model failed.*broken layer"):
+        models.apply_pdf(model, num_paths=2, prefix_len=2)
