@@ -76,10 +76,13 @@ def _signature(kernel, t: str) -> dict[str, str]:
     return types
 
 
-# element strides of q/k/v/out/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At run time
-# Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
-_STRIDES_OF_16 = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_pn",
-                  "stride_ph", "stride_pk", "stride_ob", "stride_ot", "stride_oh")
+# element strides of q/k/v/out/gradients/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At
+# run time Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
+_NOT_OF_16 = ("stride_lb", "stride_lt", "stride_mb")  # log-sum-exp/delta [.., H] and the mask [B, L]
+
+
+def _strides_of_16(kernel) -> tuple[str, ...]:
+    return tuple(n for n in kernel.arg_names if n.startswith("stride_") and n not in _NOT_OF_16)
 
 
 def _register_configs() -> None:
@@ -93,7 +96,7 @@ def _register_configs() -> None:
                                 BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], CAUSAL=True, VARLEN=True,
                                 HAS_MASK=False, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32"),
                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                expect_wgmma=dtype != torch.float32, multiple_of_16=_STRIDES_OF_16))
+                expect_wgmma=dtype != torch.float32, multiple_of_16=_strides_of_16(kernel)))
 
 
 _register_configs()
@@ -120,6 +123,8 @@ def _launch_params(kernel, dtype: torch.dtype, head_dim: int, causal: bool, varl
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any sequence/token/head strides (0 included: expanded inputs are read in place) but
+    address head_dim as unit-stride columns; anything else is copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -136,7 +141,8 @@ class _Layout:
             self.num_seqs = q.shape[0]
             self.q_strides = lambda t: (t.stride(0), t.stride(2), t.stride(1))
             self.lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, L, H]
-        self.cu = cu_seqlens if varlen else q.new_zeros(1, dtype=torch.int32)  # unread when padded
+        # read as a plain array: a strided view is copied (S+1 ints)
+        self.cu = cu_seqlens.contiguous() if varlen else q.new_zeros(1, dtype=torch.int32)  # unread when padded
         self.mask = mask
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
@@ -155,7 +161,7 @@ def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: b
     mask = layout.mask if layout.mask is not None else path_ids
     prefix_attention_fwd_kernel[grid](
         q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, max_len, group, pk.shape[2], scale,
-        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1), pk.stride(2),
         *layout.q_strides(out), *layout.lse_strides(lse), layout.mask.stride(0) if layout.mask is not None else 0,
         **params)
     return out, lse
@@ -169,6 +175,8 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     delta = (do.float() * out.float()).sum(-1)  # [T, H] or [B, H, L]
     delta = delta if layout.varlen else delta.transpose(1, 2)
     delta = delta.contiguous()
+    # fresh buffers: q's/k's/v's strides when those are dense, contiguous otherwise (expanded or sliced
+    # inputs); the kernels are told each buffer's own strides
     dq, dk, dv = backend.new_output(q), backend.new_output(k), backend.new_output(v)
     mask = layout.mask if layout.mask is not None else path_ids
     mask_stride = layout.mask.stride(0) if layout.mask is not None else 0
@@ -179,8 +187,8 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     grid = (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv)
     prefix_attention_bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, layout.cu, mask, dk, dv, max_len, group, scale,
-        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(do), *layout.lse_strides(lse), mask_stride,
-        **p)
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), *layout.q_strides(do),
+        *layout.q_strides(dk), *layout.q_strides(dv), *layout.lse_strides(lse), mask_stride, **p)
 
     p = _launch_params(prefix_attention_bwd_dq_kernel, q.dtype, head_dim, causal, layout.varlen, has_mask, arch)
     row_blocks = triton.cdiv(max_len * group, p["BLOCK_M"])
@@ -190,8 +198,8 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     prefix_attention_bwd_dq_kernel[(row_blocks, layout.num_seqs, hkv)](
         q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq, dpk_part, dpv_part,
         max_len, group, num_prefix, scale,
-        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
-        *layout.q_strides(do), *layout.lse_strides(lse), mask_stride, **p)
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(do), *layout.q_strides(dq), *layout.lse_strides(lse), mask_stride, **p)
 
     # per sequence (fixed order over query blocks), then per path with a one-hot matmul: deterministic
     # (a masked sum rather than a matmul, so that no TF32 setting can round it)
@@ -223,9 +231,29 @@ class _PrefixAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, pk, pv, path_ids, out, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
-        grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal, ctx.scale,
-                          pk.shape[0])
+        with torch.no_grad():
+            grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal,
+                              ctx.scale, pk.shape[0])
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are first-order only, say so if used
+            grads = _FirstOrderOnly.apply(len(grads), *grads, do, q, k, v, pk, pv)
         return (*grads, None, None, None, None, None, None, None)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Marks the Triton backward's gradients: differentiating them again (a gradient penalty, Hessian-vector
+    products) raises instead of silently treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, num_grads: int, *tensors):
+        # the inputs after the gradients only tie the outputs to the graph (they require grad)
+        return tuple(g.clone() for g in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "prefix_attention: the Triton kernels give first-order gradients only; differentiating their "
+            "gradients again (create_graph=True, double backward) is not supported. For higher-order gradients "
+            "call pdfkernels.reference.prefix_attention / prefix_attention_varlen (plain PyTorch).")
 
 
 def _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal: bool, scale: float):

@@ -104,8 +104,8 @@ def _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL: tl.constexpr, 
 def prefix_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, path_ptr, cu_ptr, mask_ptr, out_ptr, lse_ptr,
         L, G, K, sm_scale,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_pn, stride_ph, stride_pk,
-        stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_mb,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_pn, stride_ph, stride_pk, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -138,12 +138,13 @@ def prefix_attention_fwd_kernel(
         if CAUSAL:
             hi = tl.minimum(seqlen, (row_block * BLOCK_M + BLOCK_M - 1) // G + 1)
         k_base = seq.to(tl.int64) * stride_kb + kv_head * stride_kh
+        v_base = seq.to(tl.int64) * stride_vb + kv_head * stride_vh
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < seqlen
-            kv_off = k_base + (tok0 + cols).to(tl.int64)[:, None] * stride_kt + dims[None, :]
-            kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
-            vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
+            col_off = (tok0 + cols).to(tl.int64)[:, None]
+            kt = _load_tile(k_ptr, k_base + col_off * stride_kt + dims[None, :], col_ok, dim_ok, UPCAST)
+            vt = _load_tile(v_ptr, v_base + col_off * stride_vt + dims[None, :], col_ok, dim_ok, UPCAST)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
             m_i, l_i, acc = _softmax_step(q, kt, vt, visible, m_i, l_i, acc, qk_scale, PRECISION)
 
@@ -162,7 +163,8 @@ def prefix_attention_fwd_kernel(
 def prefix_attention_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, mask_ptr, dk_ptr, dv_ptr,
         L, G, sm_scale,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ob, stride_ot, stride_oh,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_ob, stride_ot, stride_oh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
         stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
@@ -176,10 +178,11 @@ def prefix_attention_bwd_dkdv_kernel(
         cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < seqlen
         dims, dim_ok = _dim_mask(BLOCK_D, HEAD_DIM)
-        kv_off = seq.to(tl.int64) * stride_kb + (tok0 + cols).to(tl.int64)[:, None] * stride_kt \
-            + kv_head * stride_kh + dims[None, :]
-        kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
-        vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        col_off = (tok0 + cols).to(tl.int64)[:, None]
+        kt = _load_tile(k_ptr, seq.to(tl.int64) * stride_kb + col_off * stride_kt + kv_head * stride_kh + dims[None, :],
+                        col_ok, dim_ok, UPCAST)
+        vt = _load_tile(v_ptr, seq.to(tl.int64) * stride_vb + col_off * stride_vt + kv_head * stride_vh + dims[None, :],
+                        col_ok, dim_ok, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         lo = 0
@@ -206,8 +209,10 @@ def prefix_attention_bwd_dkdv_kernel(
             ds = _ds(p, do, vt, delta, PRECISION)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         store_ok = col_ok[:, None] & dim_ok[None, :]
-        tl.store(dk_ptr + kv_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_ok)
-        tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=store_ok)
+        dk_off = seq.to(tl.int64) * stride_dkb + col_off * stride_dkt + kv_head * stride_dkh + dims[None, :]
+        dv_off = seq.to(tl.int64) * stride_dvb + col_off * stride_dvt + kv_head * stride_dvh + dims[None, :]
+        tl.store(dk_ptr + dk_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=store_ok)
 
 
 @triton.jit
@@ -215,8 +220,9 @@ def prefix_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, path_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, mask_ptr,
         dq_ptr, dpk_ptr, dpv_ptr,
         L, G, K, sm_scale,
-        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_pn, stride_ph, stride_pk,
-        stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_mb,
+        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        stride_pn, stride_ph, stride_pk, stride_ob, stride_ot, stride_oh, stride_dqb, stride_dqt, stride_dqh,
+        stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
         PRECISION: tl.constexpr):
@@ -261,13 +267,16 @@ def prefix_attention_bwd_dq_kernel(
         hi = tl.minimum(seqlen, (row_block * BLOCK_M + BLOCK_M - 1) // G + 1)
     hi = tl.where(row_block * BLOCK_M < seqlen * G, hi, 0)
     k_base = seq.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = seq.to(tl.int64) * stride_vb + kv_head * stride_vh
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < seqlen
-        kv_off = k_base + (tok0 + cols).to(tl.int64)[:, None] * stride_kt + dims[None, :]
-        kt = _load_tile(k_ptr, kv_off, col_ok, dim_ok, UPCAST)
-        vt = _load_tile(v_ptr, kv_off, col_ok, dim_ok, UPCAST)
+        col_off = (tok0 + cols).to(tl.int64)[:, None]
+        kt = _load_tile(k_ptr, k_base + col_off * stride_kt + dims[None, :], col_ok, dim_ok, UPCAST)
+        vt = _load_tile(v_ptr, v_base + col_off * stride_vt + dims[None, :], col_ok, dim_ok, UPCAST)
         visible = _visible(cols, tl.where(row_ok, tok, -1), seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
         ds = _ds(_recompute_p(q, kt, lse, visible, sm_scale, PRECISION), do, vt, delta, PRECISION)
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
-    tl.store(dq_ptr + q_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    dq_off = seq.to(tl.int64) * stride_dqb + tok_off[:, None] * stride_dqt + head[:, None] * stride_dqh \
+        + dims[None, :]
+    tl.store(dq_ptr + dq_off, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
