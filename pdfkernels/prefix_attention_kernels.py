@@ -282,7 +282,6 @@ def prefix_attention_bwd_dkdv_kernel(
             diag_end = 0
         q_tile = offs_m[:, None] * stride_qt + dims[None, :]
         o_tile = offs_m[:, None] * stride_ot + dims[None, :]
-        l_tile = offs_m * stride_lt
         for h in range(0, G):
             head = kv_head * G + h
             q_seq = q_ptr + (seq64 * stride_qb + tok64 * stride_qt + head * stride_qh)
@@ -293,16 +292,17 @@ def prefix_attention_bwd_dkdv_kernel(
                 ok = toks < seqlen
                 q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
                 do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                l_off = (l_seq + m0 * stride_lt) + l_tile
+                l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, cols, toks, True, PRECISION)
             # the rest: no mask arithmetic; loads are masked (a few predicates per tile) so that the sequence's
             # last partial tile needs no code of its own (registers)
             for m0 in range(diag_end, seqlen, BLOCK_M):  # loop: dkdv
-                ok = m0 + offs_m < seqlen
+                toks = m0 + offs_m
+                ok = toks < seqlen
                 q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
                 do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                l_off = (l_seq + m0 * stride_lt) + l_tile
+                l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, None, None, False, PRECISION)
         # the key block's first row as a scalar base, rows counted from it: nothing per row is kept from
