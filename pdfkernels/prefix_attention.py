@@ -39,8 +39,9 @@ DPREFIX_CHUNK_ROWS = 1024  # query rows (tokens x heads) per dprefix program: on
 
 def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     """Tile sizes, launch parameters and static-profile budgets per kernel, dtype, head_dim and architecture:
-    the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills,
-    with Triton 3.6 as on the GPU machines and with the newest Triton). ``budgets``: the most issue clocks
+    the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
+    with the newest Triton; with Triton 3.6, as on the GPU machines, sm_90 dK/dV at head_dim 80-128 and
+    dprefix at 128 spill 8/24 bytes outside their inner loops). ``budgets``: the most issue clocks
     per 64x64x16 MMA unit that ``python -m pdfkernels.aot --profile`` accepts for the named loop (``# loop:``
     in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
 
