@@ -1,11 +1,21 @@
 """Ahead-of-time compile of every registered kernel configuration for real GPUs, on any machine.
 
     python -m pdfkernels.aot [--arch 80 90] [--only NAME]
+    python -m pdfkernels.aot --profile [--only NAME]
 
 Uses Triton's compiler with a CUDA target (no GPU needed) and the ``cuobjdump``/``nvdisasm`` that ship
 in the Triton wheel. Prints one row per kernel x config x arch: registers, spill stack bytes, shared
 memory, and whether sm_90 code uses wgmma. Exits non-zero on a failed compile, any spill, shared memory
 over the SM's limit, or a config that expects wgmma on sm_90 and has none.
+
+``--profile``: a static profile of the sm_90 code of every 16-bit configuration. For each innermost loop
+that holds tensor-core instructions (found by its backward branch in the SASS), one iteration's
+instruction mix per warp and the **issue clocks per MMA unit**: non-MMA warp instructions x (warps / 4)
+/ (HGMMA FLOPs per iteration per CTA / (2 * 64 * 64 * 16)). Each SM sub-partition issues one instruction
+per clock and the tensor cores need 32 clocks per 64x64x16 unit at peak, so a loop above ~32 cannot keep
+them busy. Loops are named by a ``# loop: NAME`` comment on their ``for`` line. Fails when such code uses
+mma.sync (HMMA) anywhere, or a loop exceeds the budget recorded beside its configuration
+(``KernelConfig.budgets``), or a budget names no loop. A static model: no latencies, no occupancy.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Opt-in shared memory per block: A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
@@ -92,10 +102,164 @@ def inspect_config(config, arch: int) -> CompileReport:
     return report
 
 
+MMA_UNIT_FLOP = 2 * 64 * 64 * 16
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+_HGMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
+_LOOP_NAME = re.compile(r"#\s*loop:\s*([\w-]+)")
+# instruction classes counted per iteration (opcode prefixes)
+_CLASSES = {"EX2": ("MUFU.EX2",), "sel": ("SEL", "FSEL"), "pred": ("ISETP", "FSETP", "PLOP3", "HSETP"),
+            "cp.async": ("LDGSTS",), "LDG": ("LDG.", "LDG "), "TMA": ("UTMALDG", "UBLKCP"), "LDS/STS": ("LDS", "STS"),
+            "bar": ("BAR", "DEPBAR", "LDGDEPBAR", "WARPGROUP", "SYNCS"), "spill": ("LDL", "STL")}
+
+
+@dataclass
+class LoopProfile:
+    name: str  # "# loop:" name of its for line, else file:line
+    instructions: int  # per warp and iteration
+    hgmma: int
+    hmma: int
+    flop_per_cta: int  # HGMMA FLOPs per iteration per CTA
+    counts: dict
+    issue_clk_per_unit: float  # inf without HGMMA
+    budget: float | None = None
+
+
+@dataclass
+class KernelProfile:
+    name: str
+    warps: int
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    hmma: int = 0  # mma.sync instructions anywhere in the kernel
+    loops: list = field(default_factory=list)
+    problems: tuple[str, ...] = ()
+
+
+def _opcode(text: str) -> str:
+    parts = text.split()
+    return parts[1] if parts and parts[0].startswith("@") and len(parts) > 1 else (parts[0] if parts else "")
+
+
+def _source_line(path: str, line: int) -> str:
+    try:
+        return Path(path).read_text().splitlines()[line - 1]
+    except (OSError, IndexError):
+        return ""
+
+
+def profile_sass(sass: str, warps: int) -> tuple[list[LoopProfile], int]:
+    """The MMA loops of one kernel's ``nvdisasm -g`` listing (innermost loops only) and its HMMA count."""
+    instrs, labels, where = [], {}, ("", 0)
+    pending = []
+    for raw in sass.splitlines():
+        if m := _LINE.search(raw):
+            where = (m.group(1), int(m.group(2)))
+        elif m := _LABEL.match(raw.strip()):
+            pending.append(m.group(1))
+        elif m := _INSTR.match(raw):
+            for label in pending:
+                labels[label] = len(instrs)
+            pending = []
+            instrs.append((_opcode(m.group(2)), m.group(2), where))
+    spans = [(labels[t.group(1)], i) for i, (op, text, _) in enumerate(instrs)
+             if op == "BRA" and (t := _TARGET.search(text)) and t.group(1) in labels and labels[t.group(1)] <= i]
+    innermost = [(a, b) for a, b in spans if not any((c, d) != (a, b) and a <= c and d <= b for c, d in spans)]
+    loops = []
+    for start, end in sorted(innermost):
+        body = instrs[start:end + 1]
+        hgmma = [_HGMMA.match(op) for op, _, _ in body if op.startswith("HGMMA")]
+        hmma = sum(op.startswith("HMMA") for op, _, _ in body)
+        if not hgmma and not hmma:
+            continue
+        flop = sum(2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3)) for m in hgmma if m) * (warps // 4)
+        other = len(body) - len(hgmma) - hmma
+        clk = other * (warps / 4) / (flop / MMA_UNIT_FLOP) if flop else float("inf")
+        path, line = body[-1][2]
+        name = m.group(1) if (m := _LOOP_NAME.search(_source_line(path, line))) else f"{Path(path).name}:{line}"
+        counts = {c: sum((op + " ").startswith(prefixes) for op, _, _ in body) for c, prefixes in _CLASSES.items()}
+        loops.append(LoopProfile(name, len(body), len(hgmma), hmma, flop, counts, clk))
+    return loops, sum(op.startswith("HMMA") for op, _, _ in instrs)
+
+
+def profile_config(config, arch: int = 90) -> KernelProfile:
+    """Compile ``config`` for ``arch`` and profile its MMA loops against ``config.budgets``."""
+    report = KernelProfile(config.name, config.num_warps)
+    try:
+        compiled = _compile(config, arch)
+    except Exception as exc:  # the report carries the compiler's message
+        report.problems = (f"compile failed: {type(exc).__name__}",)
+        return report
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_bin("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    report.registers = int(regs.group(1)) if regs else -1
+    report.spill_bytes = int(stack.group(1)) if stack else -1
+    report.shared_bytes = int(compiled.metadata.shared)
+    report.loops, report.hmma = profile_sass(sass, config.num_warps)
+    problems = []
+    if config.expect_wgmma and report.hmma:
+        problems.append(f"{report.hmma} mma.sync (HMMA) in sm_{arch} 16-bit code")
+    if report.spill_bytes:
+        problems.append(f"spills {report.spill_bytes} bytes")
+    for name, budget in config.budgets.items():
+        matching = [lp for lp in report.loops if lp.name == name]
+        if not matching:
+            problems.append(f"budget for loop '{name}', which has no MMA loop")
+        for lp in matching:
+            lp.budget = budget
+            if not lp.issue_clk_per_unit <= budget:
+                problems.append(f"loop '{name}' {lp.issue_clk_per_unit:.1f} issue clk/unit > budget {budget}")
+    report.problems = tuple(problems)
+    return report
+
+
+def _is_16bit(config) -> bool:
+    return any(t in config.signature.values() for t in ("*fp16", "*bf16"))
+
+
+def profile_main(configs) -> int:
+    configs = [c for c in configs if c.arch in (None, 90) and c.expect_wgmma and _is_16bit(c)]
+    if not configs:
+        print("no 16-bit sm_90 configurations matched", file=sys.stderr)
+        return 1
+    reports = [profile_config(c, 90) for c in configs]
+    print("## Main loops, sm_90 (per iteration and warp; issue clk/unit: lower is better, > 32 starves the "
+          "tensor cores)\n")
+    print("| kernel[config] | loop | warps | instr | HGMMA | HMMA | MFLOP/CTA | EX2 | sel | pred | cp.async | "
+          "LDG | TMA | LDS/STS | bar | spill | issue clk/unit | budget |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in reports:
+        for lp in r.loops:
+            c = lp.counts
+            print(f"| {r.name} | {lp.name} | {r.warps} | {lp.instructions} | {lp.hgmma} | {lp.hmma} | "
+                  f"{lp.flop_per_cta / 1e6:.2f} | {c['EX2']} | {c['sel']} | {c['pred']} | {c['cp.async']} | "
+                  f"{c['LDG']} | {c['TMA']} | {c['LDS/STS']} | {c['bar']} | {c['spill']} | "
+                  f"{lp.issue_clk_per_unit:.1f} | {'-' if lp.budget is None else lp.budget} |")
+    print("\n| kernel[config] | warps | registers | spill bytes | shared bytes | HMMA | status |")
+    print("|---|---|---|---|---|---|---|")
+    for r in reports:
+        status = "ok" if not r.problems else "FAIL: " + "; ".join(r.problems)
+        print(f"| {r.name} | {r.warps} | {r.registers} | {r.spill_bytes} | {r.shared_bytes} | {r.hmma} | {status} |")
+    failed = sum(bool(r.problems) for r in reports)
+    print(f"\n{len(reports) - failed} profiled within budget, {failed} failed")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     parser.add_argument("--only", default=None, help="only configs whose name contains this")
+    parser.add_argument("--profile", action="store_true",
+                        help="static sm_90 loop profile of the 16-bit configs, checked against their budgets")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its 3.9 warning
 
@@ -105,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if not configs:
         print("no kernel configurations matched", file=sys.stderr)
         return 1
+    if args.profile:
+        return profile_main(configs)
     print("| kernel[config] | arch | warps | stages | registers | spill bytes | shared bytes | wgmma | status |")
     print("|---|---|---|---|---|---|---|---|---|")
     failed = compiled = 0

@@ -4,10 +4,10 @@ Semantics are those of ``pdfkernels.reference.prefix_attention``. On CUDA (or wi
 ``PDFKERNELS_BACKEND=triton``) one launch covers every sequence of every path: a sequence's path id picks
 its prefix, read in place (no concatenation, no ``repeat_kv``, no padded copies); see
 ``prefix_attention_kernels`` for the layout. The backward follows FlashAttention-2: recompute from the
-saved log-sum-exp with ``delta = rowsum(dO * O)``; dK/dV per key block (every query head of a GQA group in
-one program), dQ per query block. ``dprefix_k``/``dprefix_v`` are **deterministic**: each query block
-writes its own fp32 partial, and the partials are summed per sequence and then per path (a one-hot
-matmul) in a fixed order. No atomics remain anywhere.
+saved log2-sum-exp2 with ``delta = rowsum(dO * O)``; dK/dV per key block (every query head of a GQA group
+in one program), dQ per query block, dprefix per chunk of query rows. ``dprefix_k``/``dprefix_v`` are
+**deterministic**: each chunk program accumulates in registers and writes one fp32 partial, and the
+partials are summed per sequence and then per path in a fixed order. No atomics remain anywhere.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .autocast import follows_autocast
 from .baselines import cat_sdpa_prefix_attention
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
+    prefix_attention_bwd_dprefix_kernel,
     prefix_attention_bwd_dq_kernel,
     prefix_attention_fwd_kernel,
 )
@@ -32,25 +33,50 @@ from .validation import check_prefix_attention, check_prefix_attention_varlen
 _TL_TYPES = backend.TRITON_TYPES
 HEAD_DIMS = (64, 80, 96, 128)
 ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
-_KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel)
+_KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
+            prefix_attention_bwd_dprefix_kernel)
+DPREFIX_CHUNK_ROWS = 1024  # query rows (tokens x heads) per dprefix program: one fp32 partial per chunk
 
 
 def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
-    """Tile sizes and launch parameters per kernel, dtype, head_dim and architecture: the one source for
-    launches and for ``python -m pdfkernels.aot`` (each compiles there without spills, with Triton 3.6 as on
-    the GPU machines and with the newest Triton). Untuned on a GPU so far: first choices that fit."""
+    """Tile sizes, launch parameters and static-profile budgets per kernel, dtype, head_dim and architecture:
+    the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
+    with the newest Triton; with Triton 3.6, as on the GPU machines, sm_90 dK/dV at head_dim 80-128 and
+    dprefix at 128 spill 8/24 bytes outside their inner loops). ``budgets``: the most issue clocks
+    per 64x64x16 MMA unit that ``python -m pdfkernels.aot --profile`` accepts for the named loop (``# loop:``
+    in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
+
+    BLOCK_M counts query rows, BLOCK_N keys (own or prefix). dK/dV: BLOCK_N keys are the MMA's M operand
+    (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles)."""
     wide = head_dim > 64
     if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
+        if kernel is prefix_attention_bwd_dkdv_kernel:
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=1)
         if kernel is prefix_attention_bwd_dq_kernel and wide and arch >= 90:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+    if arch >= 90:
+        if kernel is prefix_attention_fwd_kernel:
+            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2,
+                        budgets={"fwd-own": 20.0, "fwd-prefix": 22.0} if head_dim == 128 else {})
+        if kernel is prefix_attention_bwd_dkdv_kernel:
+            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2,
+                        budgets={"dkdv": 25.0} if head_dim == 128 else {})
+        if kernel is prefix_attention_bwd_dq_kernel:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
+                        budgets={"dq": 25.0, "dq-prefix": 25.0} if head_dim == 128 else {})
+        # dprefix: head_dim is the M operand of two of its dots (BLOCK_D rows); 80/96 pad to 128 and
+        # their dim masks cost registers: smaller row tiles
+        if head_dim == 128:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, budgets={"dprefix": 25.0})
+        return dict(BLOCK_M=64, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=2)
     if kernel is prefix_attention_fwd_kernel:
-        if arch >= 90:
-            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
         return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
-    if arch < 90 and not wide:  # backward on sm_80, head_dim <= 64
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, num_warps=8 if wide else 4, num_stages=2)
+    if kernel is prefix_attention_bwd_dkdv_kernel:  # head_dim 64: 16-row steps, spill-free on Triton 3.6 too
+        return dict(BLOCK_M=32 if wide else 16, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    if kernel is prefix_attention_bwd_dq_kernel:  # mma.sync keeps q and dO in registers: small row tiles
+        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
 
 
 def _signature(kernel, t: str) -> dict[str, str]:
@@ -77,10 +103,18 @@ def _signature(kernel, t: str) -> dict[str, str]:
     return types
 
 
-# element strides of q/k/v/out/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At run time
-# Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
-_STRIDES_OF_16 = ("stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt", "stride_kh", "stride_pn",
-                  "stride_ph", "stride_pk", "stride_ob", "stride_ot", "stride_oh")
+# element strides of q/k/v/out/gradients/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At
+# run time Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
+_NOT_OF_16 = ("stride_lb", "stride_lt", "stride_mb")  # log-sum-exp/delta [.., H] and the mask [B, L]
+
+
+def _strides_of_16(kernel) -> tuple[str, ...]:
+    return tuple(n for n in kernel.arg_names if n.startswith("stride_") and n not in _NOT_OF_16)
+
+
+def _own_constexprs(kernel, values: dict) -> dict:
+    """The subset of ``values`` that ``kernel`` takes (the dprefix kernel has no causal or mask variants)."""
+    return {k: v for k, v in values.items() if k in kernel.arg_names}
 
 
 def _register_configs() -> None:
@@ -88,13 +122,17 @@ def _register_configs() -> None:
     for dtype, t in _TL_TYPES.items():
         for head_dim, kernel, arch in itertools.product(HEAD_DIMS, _KERNELS, ARCHS):
             tiles = _tiles(kernel, dtype, head_dim, arch)
+            if kernel is prefix_attention_bwd_dkdv_kernel:
+                assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole query tiles"
             register(KernelConfig(
                 kernel, f"{t} D={head_dim}", arch=arch, signature=_signature(kernel, t),
-                constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                                BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], CAUSAL=True, VARLEN=True,
-                                HAS_MASK=False, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32"),
+                constexprs=_own_constexprs(kernel, dict(
+                    HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=tiles["BLOCK_M"],
+                    BLOCK_N=tiles["BLOCK_N"], CAUSAL=True, VARLEN=True, HAS_MASK=False, UPCAST=False,
+                    PRECISION="ieee" if dtype == torch.float32 else "tf32")),
                 num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                expect_wgmma=dtype != torch.float32, multiple_of_16=_STRIDES_OF_16))
+                expect_wgmma=dtype != torch.float32, multiple_of_16=_strides_of_16(kernel),
+                budgets=tiles.get("budgets", {}) if dtype != torch.float32 else {}))
 
 
 _register_configs()
@@ -115,12 +153,15 @@ def _launch_params(kernel, dtype: torch.dtype, head_dim: int, causal: bool, varl
     if shipped is None:
         raise ValueError(f"prefix_attention: head_dim up to {HEAD_DIMS[-1]} is supported, got {head_dim}")
     (cfg,) = [c for c in configs_for(kernel) if c.variant == f"{_TL_TYPES[dtype]} D={shipped}" and c.arch == arch]
-    return dict(cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
-                VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting(),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dict(_own_constexprs(kernel, dict(
+        cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
+        VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting())),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any sequence/token/head strides (0 included: expanded inputs are read in place) but
+    address head_dim as unit-stride columns; anything else is copied."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -137,7 +178,8 @@ class _Layout:
             self.num_seqs = q.shape[0]
             self.q_strides = lambda t: (t.stride(0), t.stride(2), t.stride(1))
             self.lse_shape = (q.shape[0], q.shape[2], q.shape[1])  # [B, L, H]
-        self.cu = cu_seqlens if varlen else q.new_zeros(1, dtype=torch.int32)  # unread when padded
+        # read as a plain array: a strided view is copied (S+1 ints)
+        self.cu = cu_seqlens.contiguous() if varlen else q.new_zeros(1, dtype=torch.int32)  # unread when padded
         self.mask = mask
 
     def lse_strides(self, lse: torch.Tensor) -> tuple[int, int]:
@@ -156,7 +198,7 @@ def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: b
     mask = layout.mask if layout.mask is not None else path_ids
     prefix_attention_fwd_kernel[grid](
         q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, max_len, group, pk.shape[2], scale,
-        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1), pk.stride(2),
         *layout.q_strides(out), *layout.lse_strides(lse), layout.mask.stride(0) if layout.mask is not None else 0,
         **params)
     return out, lse
@@ -170,6 +212,8 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     delta = (do.float() * out.float()).sum(-1)  # [T, H] or [B, H, L]
     delta = delta if layout.varlen else delta.transpose(1, 2)
     delta = delta.contiguous()
+    # fresh buffers: q's/k's/v's strides when those are dense, contiguous otherwise (expanded or sliced
+    # inputs); the kernels are told each buffer's own strides
     dq, dk, dv = backend.new_output(q), backend.new_output(k), backend.new_output(v)
     mask = layout.mask if layout.mask is not None else path_ids
     mask_stride = layout.mask.stride(0) if layout.mask is not None else 0
@@ -180,28 +224,37 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     grid = (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv)
     prefix_attention_bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, layout.cu, mask, dk, dv, max_len, group, scale,
-        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(do), *layout.lse_strides(lse), mask_stride,
-        **p)
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), *layout.q_strides(do),
+        *layout.q_strides(dk), *layout.q_strides(dv), *layout.lse_strides(lse), mask_stride, **p)
 
     p = _launch_params(prefix_attention_bwd_dq_kernel, q.dtype, head_dim, causal, layout.varlen, has_mask, arch)
-    row_blocks = triton.cdiv(max_len * group, p["BLOCK_M"])
-    slots = layout.num_seqs * hkv * row_blocks
-    dpk_part = backend.new_output(q, (slots, num_prefix, p["BLOCK_D"]), torch.float32)
-    dpv_part = backend.new_output(q, (slots, num_prefix, p["BLOCK_D"]), torch.float32)
-    prefix_attention_bwd_dq_kernel[(row_blocks, layout.num_seqs, hkv)](
-        q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq, dpk_part, dpv_part,
-        max_len, group, num_prefix, scale,
-        *layout.q_strides(q), *layout.q_strides(k), pk.stride(0), pk.stride(1), pk.stride(2),
-        *layout.q_strides(do), *layout.lse_strides(lse), mask_stride, **p)
+    prefix_attention_bwd_dq_kernel[(triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv)](
+        q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq, max_len, group, num_prefix, scale,
+        *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1), pk.stride(2),
+        *layout.q_strides(do), *layout.q_strides(dq), *layout.lse_strides(lse), mask_stride, **p)
+    if num_prefix == 0:
+        return dq, dk, dv, torch.zeros_like(pk), torch.zeros_like(pv)
 
-    # per sequence (fixed order over query blocks), then per path with a one-hot matmul: deterministic
-    # (a masked sum rather than a matmul, so that no TF32 setting can round it)
+    # dprefix: one fp32 partial per (sequence, KV head, chunk of query rows), summed per sequence in chunk
+    # order, then per path with a masked sum (not a matmul, so that no TF32 setting can round it): deterministic
+    p = _launch_params(prefix_attention_bwd_dprefix_kernel, q.dtype, head_dim, causal, layout.varlen, has_mask,
+                       arch)
+    chunk = triton.cdiv(triton.cdiv(DPREFIX_CHUNK_ROWS, group), p["BLOCK_M"]) * p["BLOCK_M"]  # tokens
+    chunks = triton.cdiv(max_len, chunk)
+    key_blocks = triton.cdiv(num_prefix, p["BLOCK_N"])
+    k_pad = key_blocks * p["BLOCK_N"]
+    dpk_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
+    dpv_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
+    prefix_attention_bwd_dprefix_kernel[(chunks, layout.num_seqs, hkv * key_blocks)](
+        q, pk, pv, path_ids, do, lse, delta, layout.cu, dpk_part, dpv_part, max_len, group, num_prefix, chunk, scale,
+        *layout.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(do),
+        *layout.lse_strides(lse), **p)
     one_hot = torch.nn.functional.one_hot(path_ids, num_paths).T.float()[:, :, None]  # [N, S, 1]
     per_path = []
     for part in (dpk_part, dpv_part):
-        per_seq = part.view(layout.num_seqs, hkv, row_blocks, num_prefix, p["BLOCK_D"]).sum(2).flatten(1)
-        summed = (one_hot * per_seq[None]).sum(1).view(num_paths, hkv, num_prefix, p["BLOCK_D"])
-        per_path.append(summed[..., :head_dim].to(pk.dtype))
+        per_seq = part[:, :, :, :num_prefix, :head_dim].sum(2).flatten(1)  # [S, Hkv * K * D]
+        summed = (one_hot * per_seq[None]).sum(1).view(num_paths, hkv, num_prefix, head_dim)
+        per_path.append(summed.to(pk.dtype))
     dpk, dpv = per_path
     return dq, dk, dv, dpk, dpv
 
@@ -224,9 +277,29 @@ class _PrefixAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, pk, pv, path_ids, out, lse = ctx.saved_tensors
         do = _last_dim_contiguous(do)
-        grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal, ctx.scale,
-                          pk.shape[0])
+        with torch.no_grad():
+            grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal,
+                              ctx.scale, pk.shape[0])
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are first-order only, say so if used
+            grads = _FirstOrderOnly.apply(len(grads), *grads, do, q, k, v, pk, pv)
         return (*grads, None, None, None, None, None, None, None)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Marks the Triton backward's gradients: differentiating them again (a gradient penalty, Hessian-vector
+    products) raises instead of silently treating them as constants."""
+
+    @staticmethod
+    def forward(ctx, num_grads: int, *tensors):
+        # the inputs after the gradients only tie the outputs to the graph (they require grad)
+        return tuple(g.clone() for g in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "prefix_attention: the Triton kernels give first-order gradients only; differentiating their "
+            "gradients again (create_graph=True, double backward) is not supported. For higher-order gradients "
+            "call pdfkernels.reference.prefix_attention / prefix_attention_varlen (plain PyTorch).")
 
 
 def _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal: bool, scale: float):

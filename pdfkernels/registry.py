@@ -25,6 +25,9 @@ class KernelConfig:
     # time, so the ahead-of-time compile must assume it too to see the same code)
     multiple_of_16: tuple[str, ...] = ()
     arch: int | None = None  # the compute capability this config is tuned for (80, 90); None: every arch
+    # static-profile budgets: loop name (``# loop: NAME`` in the kernel source) -> most issue clocks per
+    # 64x64x16 MMA unit on sm_90 (``python -m pdfkernels.aot --profile``)
+    budgets: dict[str, float] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -48,3 +48,49 @@ def test_spills_and_failed_compiles_are_reported():
     assert spill["spill_bytes"] > 0
     assert any("spills" in p for p in spill["problems"])
     assert broken["problems"] == ["compile failed"] and broken["error"]
+
+
+def test_profile_of_shipped_sm90_code_is_within_budget():
+    from pdfkernels.registry import load_all
+
+    result = _run(["-m", "pdfkernels.aot", "--profile", "--only", "bf16 D=128"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    loops = {(row.split("|")[1].strip(), row.split("|")[2].strip()): row for row in result.stdout.splitlines()
+             if row.startswith("| ") and "issue clk" not in row and row.count("|") == 19}
+    budgeted = [(c.name, name) for c in load_all() if c.arch == 90 and "bf16 D=128" in c.name
+                for name in c.budgets]
+    assert budgeted, "the shipped sm_90 head_dim-128 configs record loop budgets"
+    for key in budgeted:
+        assert key in loops, f"no profiled loop {key}"
+        clk, budget = (float(x) for x in loops[key].split("|")[-3:-1])
+        assert clk <= budget
+    assert "0 failed" in result.stdout
+
+
+PROFILE = """
+import json
+from pdfkernels import aot
+from pdfkernels.registry import KernelConfig
+from tests.kernels.small_dot_kernel import small_dot_kernel
+sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "out_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+def config(block, budgets):
+    return KernelConfig(small_dot_kernel, f"B{block}", signature=sig, constexprs={"BLOCK": block}, num_warps=4,
+                        num_stages=2, expect_wgmma=True, budgets=budgets)
+out = []
+for block, budgets in ((16, {}), (64, {"small-dot": 0.5}), (64, {"small-dot": 1000.0, "missing": 1.0})):
+    r = aot.profile_config(config(block, budgets), 90)
+    out.append(dict(hmma=r.hmma, problems=r.problems, loops=[(lp.name, lp.hgmma, lp.hmma, lp.issue_clk_per_unit)
+                                                             for lp in r.loops]))
+print(json.dumps(out))
+"""
+
+
+def test_profile_flags_mma_sync_and_budgets():
+    result = _run(["-c", PROFILE])
+    assert result.returncode == 0, result.stderr
+    mma_sync, over_budget, missing = json.loads(result.stdout.splitlines()[-1])
+    assert mma_sync["hmma"] > 0 and any("mma.sync" in p for p in mma_sync["problems"])
+    (name, hgmma, hmma, clk), = over_budget["loops"]
+    assert name == "small-dot" and hgmma > 0 and hmma == 0 and clk > 0.5
+    assert any("budget 0.5" in p for p in over_budget["problems"])
+    assert missing["problems"] == ["budget for loop 'missing', which has no MMA loop"]

@@ -4,6 +4,8 @@ Forward and all five gradients, fresh random inputs every run, kernel outputs po
 (PDFKERNELS_POISON=1 in conftest) so that an element the kernels never write fails.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -176,3 +178,29 @@ def test_float64_is_refused_on_the_triton_path():
     p = torch.randn(1, 2, 1, 16, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64 runs on the PyTorch path"):
         pdfkernels.prefix_attention(x, x, x, p, p, torch.tensor([0]))
+
+
+def test_prefix_gradients_over_several_row_chunks(monkeypatch):
+    """dprefix is summed from one partial per chunk of query rows: force several chunks per sequence (and a
+    partial last one), against the reference and bitwise across two runs."""
+    monkeypatch.setattr(importlib.import_module("pdfkernels.prefix_attention"), "DPREFIX_CHUNK_ROWS", 64)
+    b, heads, kv_heads, length, d, n, k = 2, 4, 2, 150, 64, 2, 20
+    q, key, val = (_hf_layout(b, length, h, d, torch.float32) for h in (heads, kv_heads, kv_heads))
+    pk, pv = torch.randn(n, kv_heads, k, d), torch.randn(n, kv_heads, k, d)
+    paths = torch.tensor([1, 0])
+    mask = _padding_mask(b, length, "left")
+
+    def ours(*t):
+        return pdfkernels.prefix_attention(*t, paths, key_padding_mask=mask)
+
+    def ref(*t):
+        return reference.prefix_attention(*t, paths, key_padding_mask=mask)
+
+    _check_grads(ours, ref, [q, key, val, pk, pv], torch.float32)
+    upstream = torch.randn(b, heads, length, d)
+    runs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, key, val, pk, pv)]
+        runs.append(torch.autograd.grad(ours(*leaves), leaves[3:], upstream))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
