@@ -23,7 +23,8 @@ def follows_autocast(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), None)
-        if device is None or not torch.is_autocast_enabled(device):
+        # meta tensors (FLOP counting) and other devices without autocast: nothing to follow
+        if device is None or not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
             return fn(*args, **kwargs)
         dtype = torch.get_autocast_dtype(device)
         args = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in _CASTABLE else a for a in args)

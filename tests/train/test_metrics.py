@@ -67,7 +67,8 @@ def test_progress_fields_show_only_recorded_terms():
 
 
 def test_run_diagnostics_prefix_update_cosine_equals_a_direct_computation(caplog):
-    holder = torch.nn.Module()
+    holder = torch.nn.Module()  # stands in for a patched model: a config and the prefix parameter
+    holder.config = None
     holder.pdf_prefix = torch.nn.Parameter(torch.randn(3, 2, 2, 1, 4, 8))  # [layers, N, 2, Hkv, K, D]
     start = holder.pdf_prefix.detach().clone()
     diagnostics = RunDiagnostics(TrainConfig(prefix_len=4, mi_negative_run=1, mi_warn_every=1), holder)
