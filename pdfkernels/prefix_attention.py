@@ -35,14 +35,18 @@ HEAD_DIMS = (64, 80, 96, 128)
 ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
 _KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
             prefix_attention_bwd_dprefix_kernel)
+# pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix kernels: the most that each Triton
+# line compiles without spills (3.6, as on the GPU machines: 1; 3.9: 2)
+_SM90_BWD_STAGES = 1 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7) else 2
 DPREFIX_CHUNK_ROWS = 1024  # query rows (tokens x heads) per dprefix program: one fp32 partial per chunk
 
 
 def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     """Tile sizes, launch parameters and static-profile budgets per kernel, dtype, head_dim and architecture:
     the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
-    with the newest Triton; with Triton 3.6, as on the GPU machines, sm_90 dK/dV at head_dim 80-128 and
-    dprefix at 128 spill 8/24 bytes outside their inner loops). ``budgets``: the most issue clocks
+    with Triton 3.6, as on the GPU machines, and 3.9). The sm_90 16-bit dK/dV and head_dim-128 dprefix
+    kernels are pipelined per Triton version: 3.6 spills with two stages (8/24 bytes outside the inner
+    loops), 3.9 with one (64-80 bytes). ``budgets``: the most issue clocks
     per 64x64x16 MMA unit that ``python -m pdfkernels.aot --profile`` accepts for the named loop (``# loop:``
     in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
 
@@ -50,8 +54,8 @@ def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles)."""
     wide = head_dim > 64
     if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
-        if kernel is prefix_attention_bwd_dkdv_kernel:
-            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=1)
+        if kernel is prefix_attention_bwd_dkdv_kernel:  # sm_90, 8 warps: Triton 3.6 spills 8 bytes
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8 if wide and arch < 90 else 4, num_stages=1)
         if kernel is prefix_attention_bwd_dq_kernel and wide and arch >= 90:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
@@ -60,7 +64,7 @@ def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
             return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2,
                         budgets={"fwd-own": 20.0, "fwd-prefix": 22.0} if head_dim == 128 else {})
         if kernel is prefix_attention_bwd_dkdv_kernel:
-            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2,
+            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=_SM90_BWD_STAGES,
                         budgets={"dkdv": 25.0} if head_dim == 128 else {})
         if kernel is prefix_attention_bwd_dq_kernel:
             return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
@@ -68,7 +72,8 @@ def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
         # dprefix: head_dim is the M operand of two of its dots (BLOCK_D rows); 80/96 pad to 128 and
         # their dim masks cost registers: smaller row tiles
         if head_dim == 128:
-            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, budgets={"dprefix": 25.0})
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=_SM90_BWD_STAGES,
+                        budgets={"dprefix": 25.0})
         return dict(BLOCK_M=64, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=2)
     if kernel is prefix_attention_fwd_kernel:
         return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
