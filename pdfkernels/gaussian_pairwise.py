@@ -80,8 +80,11 @@ for _dtype, _t in _TL_TYPES.items():
                    "out_ptr": f"*{_t}", "flag_ptr": "*i8", "B": "i32", "D": "i32", "cancel": "fp32",
                    "PRECISION": "constexpr", "BLOCK_M": "constexpr",
                    "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        constexprs={"PRECISION": "ieee" if _dtype == torch.float32 else "tf32", "BLOCK_M": 64, "BLOCK_N": 64,
-                    "BLOCK_K": 8 if _dtype == torch.float32 else 32},
+        # fp32 (ieee dots on CUDA cores): 32-row tiles keep 16-wide K steps spill-free; Triton 3.6 (the GPU
+        # machines) refuses dots with K < 16
+        constexprs={"PRECISION": "ieee" if _dtype == torch.float32 else "tf32",
+                    "BLOCK_M": 32 if _dtype == torch.float32 else 64, "BLOCK_N": 64,
+                    "BLOCK_K": 16 if _dtype == torch.float32 else 32},
         num_warps=8, num_stages=2, expect_wgmma=_dtype != torch.float32))
 
 
