@@ -1,5 +1,6 @@
 """The distribution installs no generic top-level names, and the trainer runs as the mission writes it."""
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,8 @@ def test_wheel_installs_only_the_pdfkernels_namespace(tmp_path):
 def test_subpackages_import_without_generic_names():
     code = ("import sys, pdfkernels.models, pdfkernels.train.run, pdfkernels.bench.common\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'train', 'bench')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
