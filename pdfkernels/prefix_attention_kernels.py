@@ -62,6 +62,18 @@ def _load_tile(ptrs, rows_ok, dims, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def _tma_tile(desc, seq, head, row, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A ``[BLOCK, BLOCK_D]`` tile at token ``row`` of a ``[sequences, heads, tokens, head_dim]`` tensor
+    descriptor (sm_90 TMA, padded layout only): rows past the sequence's end and columns past head_dim
+    arrive as zeros, as masked pointer loads give them. (Packed sequences take pointer loads: there the
+    rows after a sequence's end are the next sequence's, and zeroing them in registers spills.)"""
+    tile = desc.load([seq, head, row, 0]).reshape(BLOCK, BLOCK_D)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _row_stats(lse_ptrs, delta_ptrs, ok, MASK_ROWS: tl.constexpr):
     """log2-sum-exp2 and delta of query rows; a row outside is (+inf, 0), so its probabilities are 0."""
     if MASK_ROWS:
@@ -129,17 +141,20 @@ def _own_key_range(row_block, seqlen, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
 @triton.jit
 def prefix_attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, path_ptr, cu_ptr, mask_ptr, out_ptr, lse_ptr,
+        k_desc, v_desc, pk_desc, pv_desc,
         L, G, K, sm_scale,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_pn, stride_ph, stride_pk, stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr):
-    """Output and log2-sum-exp2 of one block of packed query rows."""
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """Output and log2-sum-exp2 of one block of packed query rows. TMA: the key/value tiles come through the
+    ``*_desc`` tensor descriptors (sm_90), else through pointers (the ``*_desc`` arguments are then unused)."""
     row_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     tok0, seqlen = _span(cu_ptr, seq, L, VARLEN)
+    tl.static_assert(not (TMA and VARLEN), "tensor descriptors describe the padded layout only")
     if row_block * BLOCK_M < seqlen * G:
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen * G
@@ -155,7 +170,8 @@ def prefix_attention_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         # 1) the path's prefix keys, visible to every query: whole tiles, then a partial one
-        p_base = tl.load(path_ptr + seq).to(tl.int64) * stride_pn + kv_head * stride_ph
+        path = tl.load(path_ptr + seq).to(tl.int32)
+        p_base = path.to(tl.int64) * stride_pn + kv_head * stride_ph
         p_tile = offs_n[:, None] * stride_pk + dims[None, :]  # 32-bit offsets from 64-bit scalar bases
         pk_seq = pk_ptr + p_base
         pv_seq = pv_ptr + p_base
@@ -173,13 +189,23 @@ def prefix_attention_fwd_kernel(
             k_full = K // BLOCK_N * BLOCK_N
             if k_full < K:
                 col_ok = k_full + offs_n < K
-                kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                if TMA:  # keys past K arrive as zeros
+                    kt = _tma_tile(pk_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
+                    vt = _tma_tile(pv_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
+                else:
+                    kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
+                                    UPCAST)
+                    vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
+                                    UPCAST)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
                 m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, col_ok[None, :], True, PRECISION)
             for n0 in range(0, k_full, BLOCK_N):  # loop: fwd-prefix
-                kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                if TMA:
+                    kt = _tma_tile(pk_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                    vt = _tma_tile(pv_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                else:
+                    kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                    vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
                 m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, None, False, PRECISION)
 
@@ -191,8 +217,12 @@ def prefix_attention_fwd_kernel(
         k_tile = offs_n[:, None] * stride_kt + dims[None, :]
         v_tile = offs_n[:, None] * stride_vt + dims[None, :]
         for n0 in range(0, full_end, BLOCK_N):  # loop: fwd-own
-            kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-            vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            if TMA:
+                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+            else:
+                kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if HAS_MASK:  # padding can sit anywhere in a padded row: masked like an edge tile
                 real = _key_mask(mask_ptr, seq, stride_mb, n0 + offs_n, offs_n >= 0)
@@ -202,8 +232,12 @@ def prefix_attention_fwd_kernel(
         for n0 in range(full_end, hi, BLOCK_N):  # loop: fwd-own-edge
             cols = n0 + offs_n
             col_ok = cols < seqlen
-            kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-            vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            if TMA:  # keys past the sequence's end arrive as zeros
+                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+            else:
+                kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
             m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, visible, True, PRECISION)
@@ -243,21 +277,22 @@ def _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, cols, toks, CAUSAL_T
 
 @triton.jit
 def prefix_attention_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, mask_ptr, dk_ptr, dv_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, mask_ptr, dk_ptr, dv_ptr, q_desc, do_desc,
         L, G, sm_scale,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_ob, stride_ot, stride_oh, stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
         stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of BLOCK_N own keys: for each query head of the group, a loop over the tokens that see them
     (BLOCK_M at a time): the causal diagonal masked, the rest without mask arithmetic (rows past the end
-    load lse = +inf, so their probabilities are 0)."""
+    load lse = +inf, so their probabilities are 0). TMA: q and dO tiles through ``q_desc``/``do_desc``."""
     key_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     tok0, seqlen = _span(cu_ptr, seq, L, VARLEN)
+    tl.static_assert(not (TMA and VARLEN), "tensor descriptors describe the padded layout only")
     n0 = key_block * BLOCK_N
     if n0 < seqlen:
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -290,18 +325,26 @@ def prefix_attention_bwd_dkdv_kernel(
             for m0 in range(start, diag_end, BLOCK_M):  # loop: dkdv-diagonal
                 toks = m0 + offs_m
                 ok = toks < seqlen
-                q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                if TMA:
+                    q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+                    do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+                else:
+                    q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                    do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
                 l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, cols, toks, True, PRECISION)
-            # the rest: no mask arithmetic; loads are masked (a few predicates per tile) so that the sequence's
-            # last partial tile needs no code of its own (registers)
+            # the rest: no mask arithmetic; loads are masked (a few predicates per tile; TMA: zeros past the
+            # end) so that the sequence's last partial tile needs no code of its own (registers)
             for m0 in range(diag_end, seqlen, BLOCK_M):  # loop: dkdv
                 toks = m0 + offs_m
                 ok = toks < seqlen
-                q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                if TMA:
+                    q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+                    do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+                else:
+                    q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                    do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
                 l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, None, None, False, PRECISION)
@@ -337,18 +380,21 @@ def _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, visible, MASKED: tl.conste
 @triton.jit
 def prefix_attention_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, path_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, mask_ptr, dq_ptr,
+        k_desc, v_desc, pk_desc, pv_desc,
         L, G, K, sm_scale,
         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
         stride_pn, stride_ph, stride_pk, stride_ob, stride_ot, stride_oh, stride_dqb, stride_dqt, stride_dqh,
         stride_lb, stride_lt, stride_mb,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
-        PRECISION: tl.constexpr):
-    """dQ of one block of packed query rows over the prefix keys and the own keys (edge tiles masked)."""
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dQ of one block of packed query rows over the prefix keys and the own keys (edge tiles masked); TMA as
+    in the forward."""
     row_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     tok0, seqlen = _span(cu_ptr, seq, L, VARLEN)
+    tl.static_assert(not (TMA and VARLEN), "tensor descriptors describe the padded layout only")
     if row_block * BLOCK_M < seqlen * G:
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < seqlen * G
@@ -367,7 +413,8 @@ def prefix_attention_bwd_dq_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         # prefix keys: whole tiles, then a partial one (fp32: one masked loop, see the forward)
-        p_base = tl.load(path_ptr + seq).to(tl.int64) * stride_pn + kv_head * stride_ph
+        path = tl.load(path_ptr + seq).to(tl.int32)
+        p_base = path.to(tl.int64) * stride_pn + kv_head * stride_ph
         p_tile = offs_n[:, None] * stride_pk + dims[None, :]  # 32-bit offsets from 64-bit scalar bases
         pk_seq = pk_ptr + p_base
         pv_seq = pv_ptr + p_base
@@ -380,13 +427,23 @@ def prefix_attention_bwd_dq_kernel(
         else:
             k_full = K // BLOCK_N * BLOCK_N
             for n0 in range(0, k_full, BLOCK_N):  # loop: dq-prefix
-                kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                if TMA:
+                    kt = _tma_tile(pk_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                    vt = _tma_tile(pv_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                else:
+                    kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                    vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, None, False, PRECISION)
             if k_full < K:
                 col_ok = k_full + offs_n < K
-                kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                if TMA:  # keys past K arrive as zeros
+                    kt = _tma_tile(pk_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
+                    vt = _tma_tile(pv_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
+                else:
+                    kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
+                                    UPCAST)
+                    vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
+                                    UPCAST)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, col_ok[None, :], True, PRECISION)
 
         # own keys: tiles every row sees whole, then the edge tiles
@@ -396,8 +453,12 @@ def prefix_attention_bwd_dq_kernel(
         v_ptrs = v_ptr + (seq.to(tl.int64) * stride_vb + tok0.to(tl.int64) * stride_vt + kv_head * stride_vh) \
             + (offs_n[:, None] * stride_vt + dims[None, :])
         for n0 in range(0, full_end, BLOCK_N):  # loop: dq
-            kt = _load_tile(k_ptrs + n0 * stride_kt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-            vt = _load_tile(v_ptrs + n0 * stride_vt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            if TMA:
+                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+            else:
+                kt = _load_tile(k_ptrs + n0 * stride_kt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                vt = _load_tile(v_ptrs + n0 * stride_vt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
             if HAS_MASK:
                 real = _key_mask(mask_ptr, seq, stride_mb, n0 + offs_n, offs_n >= 0)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, real[None, :], True, PRECISION)
@@ -406,8 +467,12 @@ def prefix_attention_bwd_dq_kernel(
         for n0 in range(full_end, hi, BLOCK_N):  # loop: dq-edge
             cols = n0 + offs_n
             col_ok = cols < seqlen
-            kt = _load_tile(k_ptrs + n0 * stride_kt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-            vt = _load_tile(v_ptrs + n0 * stride_vt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            if TMA:  # keys past the sequence's end arrive as zeros
+                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
+            else:
+                kt = _load_tile(k_ptrs + n0 * stride_kt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                vt = _load_tile(v_ptrs + n0 * stride_vt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
             dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, visible, True, PRECISION)
         dq_off = seq.to(tl.int64) * stride_dqb + tok_off * stride_dqt + head[:, None] * stride_dqh + dims[None, :]
@@ -430,22 +495,24 @@ def _dprefix_step(q, do, pkt, pvt, lse, delta, dpk_t, dpv_t, qk_scale, PRECISION
 
 @triton.jit
 def prefix_attention_bwd_dprefix_kernel(
-        q_ptr, pk_ptr, pv_ptr, path_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dpk_ptr, dpv_ptr,
+        q_ptr, pk_ptr, pv_ptr, path_ptr, do_ptr, lse_ptr, delta_ptr, cu_ptr, dpk_ptr, dpv_ptr, q_desc, do_desc,
         L, G, K, chunk, sm_scale,
         stride_qb, stride_qt, stride_qh, stride_pn, stride_ph, stride_pk, stride_ob, stride_ot, stride_oh,
         stride_lb, stride_lt,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        VARLEN: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One fp32 partial of dprefix_k, dprefix_v ``[BLOCK_N, BLOCK_D]`` per (chunk of ``chunk`` tokens x all
     G heads, sequence, KV head, block of prefix keys), accumulated in registers and written once, to slot
     ``((seq * Hkv + kv_head) * chunks + chunk_id) * K_pad + key``; summed afterwards in a fixed order (no
-    atomics: deterministic). Every prefix key is visible to every query, so only loads are masked."""
+    atomics: deterministic). Every prefix key is visible to every query, so only loads are masked. TMA: q
+    and dO tiles through ``q_desc``/``do_desc``."""
     chunk_id = tl.program_id(0)
     seq = tl.program_id(1)
     key_blocks = tl.cdiv(K, BLOCK_N)
     kv_head = tl.program_id(2) // key_blocks
     n0 = tl.program_id(2) % key_blocks * BLOCK_N
     tok0, seqlen = _span(cu_ptr, seq, L, VARLEN)
+    tl.static_assert(not (TMA and VARLEN), "tensor descriptors describe the padded layout only")
     dims = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -471,15 +538,23 @@ def prefix_attention_bwd_dprefix_kernel(
         do_seq = do_ptr + (seq64 * stride_ob + tok64 * stride_ot + head * stride_oh)
         l_seq = seq64 * stride_lb + tok64 * stride_lt + head
         for m0 in range(t_lo, full_end, BLOCK_M):  # loop: dprefix
-            q = _load_tile((q_seq + m0 * stride_qt) + q_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-            do = _load_tile((do_seq + m0 * stride_ot) + o_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            if TMA:
+                q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+                do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
+            else:
+                q = _load_tile((q_seq + m0 * stride_qt) + q_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                do = _load_tile((do_seq + m0 * stride_ot) + o_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
             l_off = (l_seq + m0 * stride_lt) + l_tile
             lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, None, False)
             dpk_t, dpv_t = _dprefix_step(q, do, pkt, pvt, lse, delta, dpk_t, dpv_t, qk_scale, PRECISION)
         if full_end < t_hi:  # the chunk's last partial tile: rows outside load lse = +inf (probabilities 0)
             ok = full_end + offs_m < t_hi
-            q = _load_tile((q_seq + full_end * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-            do = _load_tile((do_seq + full_end * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            if TMA:  # rows past the sequence's end arrive as zeros
+                q = _tma_tile(q_desc, seq, head, full_end, BLOCK_M, BLOCK_D, UPCAST)
+                do = _tma_tile(do_desc, seq, head, full_end, BLOCK_M, BLOCK_D, UPCAST)
+            else:
+                q = _load_tile((q_seq + full_end * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                do = _load_tile((do_seq + full_end * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
             l_off = (l_seq + full_end * stride_lt) + l_tile
             lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
             dpk_t, dpv_t = _dprefix_step(q, do, pkt, pvt, lse, delta, dpk_t, dpv_t, qk_scale, PRECISION)

@@ -28,6 +28,9 @@ class KernelConfig:
     # static-profile budgets: loop name (``# loop: NAME`` in the kernel source) -> most issue clocks per
     # 64x64x16 MMA unit on sm_90 (``python -m pdfkernels.aot --profile``)
     budgets: dict[str, float] = field(default_factory=dict)
+    # what a launcher looks candidates up by (e.g. dtype, head_dim, arch, TMA): the configs sharing one key
+    # are the alternatives the autotuner times on a GPU, the first registered being the default
+    key: tuple = ()
 
     @property
     def name(self) -> str:

@@ -1,0 +1,267 @@
+"""Launch configurations of the prefix attention kernels: the tile table, the registered candidates (each
+compiled ahead of time by ``python -m pdfkernels.aot``), the choice among them at launch (timed once per
+shape on GPUs, ``pdfkernels.autotune``) and the tensor descriptors of the sm_90 TMA path.
+
+TMA (``PDFKERNELS_TMA``): ``auto`` (default) gives the sm_90 16-bit kernels of the padded layout tensor
+descriptors on Hopper-class GPUs whenever every tensor a kernel streams can be described (16-byte aligned
+base, positive strides that are multiples of 16 bytes, unit-stride head_dim); anything else takes the
+pointer-load kernels, which ship beside them. ``0``: pointer loads everywhere. ``1``: descriptors wherever the
+tensors allow, under Triton's interpreter too (tests); refused on a GPU without TMA.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from collections.abc import Callable
+
+import torch
+import triton
+
+from . import autotune, backend
+from .prefix_attention_kernels import (
+    prefix_attention_bwd_dkdv_kernel,
+    prefix_attention_bwd_dprefix_kernel,
+    prefix_attention_bwd_dq_kernel,
+    prefix_attention_fwd_kernel,
+)
+from .registry import KernelConfig, configs_for, register
+
+_TL_TYPES = backend.TRITON_TYPES
+HEAD_DIMS = (64, 80, 96, 128)
+ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
+_KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
+            prefix_attention_bwd_dprefix_kernel)
+# pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix kernels: the most that each Triton
+# line compiles without spills (3.6, as on the GPU machines: 1; 3.9: 2)
+_SM90_BWD_STAGES = 1 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7) else 2
+TMA_VAR = "PDFKERNELS_TMA"
+_TMA_CHOICES = ("auto", "0", "1")
+
+
+def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
+    """The default tiles, launch parameters and static-profile budgets per kernel, dtype, head_dim and
+    architecture: the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
+    with Triton 3.6, as on the GPU machines, and 3.9). The sm_90 16-bit dK/dV and head_dim-128 dprefix
+    kernels are pipelined per Triton version: 3.6 spills with two stages (8/24 bytes outside the inner
+    loops), 3.9 with one (64-80 bytes). ``budgets``: the most issue clocks
+    per 64x64x16 MMA unit that ``python -m pdfkernels.aot --profile`` accepts for the named loop (``# loop:``
+    in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
+
+    BLOCK_M counts query rows, BLOCK_N keys (own or prefix). dK/dV: BLOCK_N keys are the MMA's M operand
+    (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles)."""
+    wide = head_dim > 64
+    if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
+        if kernel is prefix_attention_bwd_dkdv_kernel:  # sm_90, 8 warps: Triton 3.6 spills 8 bytes
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8 if wide and arch < 90 else 4, num_stages=1)
+        if kernel is prefix_attention_bwd_dq_kernel and wide and arch >= 90:
+            return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=8 if wide else 4, num_stages=1)
+    if arch >= 90:
+        if kernel is prefix_attention_fwd_kernel:
+            return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2,
+                        budgets={"fwd-own": 20.0, "fwd-prefix": 22.0} if head_dim == 128 else {})
+        if kernel is prefix_attention_bwd_dkdv_kernel:
+            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=_SM90_BWD_STAGES,
+                        budgets={"dkdv": 25.0} if head_dim == 128 else {})
+        if kernel is prefix_attention_bwd_dq_kernel:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
+                        budgets={"dq": 25.0, "dq-prefix": 25.0} if head_dim == 128 else {})
+        # dprefix: head_dim is the M operand of two of its dots (BLOCK_D rows); 80/96 pad to 128 and
+        # their dim masks cost registers: smaller row tiles
+        if head_dim == 128:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=_SM90_BWD_STAGES,
+                        budgets={"dprefix": 25.0})
+        return dict(BLOCK_M=64, BLOCK_N=16 if wide else 32, num_warps=8 if wide else 4, num_stages=2)
+    if kernel is prefix_attention_fwd_kernel:
+        return dict(BLOCK_M=128, BLOCK_N=32 if wide else 64, num_warps=8, num_stages=3)
+    if kernel is prefix_attention_bwd_dkdv_kernel:  # head_dim 64: 16-row steps, spill-free on Triton 3.6 too
+        return dict(BLOCK_M=32 if wide else 16, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=2)
+    if kernel is prefix_attention_bwd_dq_kernel:  # mma.sync keeps q and dO in registers: small row tiles
+        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
+
+
+# which tile's rows each kernel's tensor descriptors deliver: key tiles (forward, dQ), query tiles (dK/dV,
+# dprefix)
+_DESC_ROWS = {prefix_attention_fwd_kernel: "BLOCK_N", prefix_attention_bwd_dq_kernel: "BLOCK_N",
+              prefix_attention_bwd_dkdv_kernel: "BLOCK_M", prefix_attention_bwd_dprefix_kernel: "BLOCK_M"}
+
+
+def _signature(kernel, t: str, tiles: dict, tma: bool) -> dict[str, str]:
+    """Argument types; ``*_desc`` arguments are 4-D tensor descriptors with TMA, plain pointers without."""
+    types = {}
+    params = inspect.signature(kernel.fn).parameters.values()  # JIT and interpreted kernels alike
+    constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name.endswith("_desc"):
+            types[name] = f"tensordesc<{t}[1,1,{tiles[_DESC_ROWS[kernel]]},{tiles['BLOCK_D']}]>" if tma else f"*{t}"
+        elif name == "path_ptr":
+            types[name] = "*i64"
+        elif name == "cu_ptr":
+            types[name] = "*i32"
+        elif name == "mask_ptr":
+            types[name] = "*u8"
+        elif name in ("lse_ptr", "delta_ptr", "dpk_ptr", "dpv_ptr"):
+            types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = f"*{t}"
+        elif name == "sm_scale":
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+# element strides of q/k/v/out/gradients/prefix: multiples of 16 whenever head_dim is (64, 80, 96, 128). At
+# run time Triton specialises on the actual values; the ahead-of-time compile assumes this common case.
+_NOT_OF_16 = ("stride_lb", "stride_lt", "stride_mb")  # log-sum-exp/delta [.., H] and the mask [B, L]
+
+
+def _strides_of_16(kernel) -> tuple[str, ...]:
+    return tuple(n for n in kernel.arg_names if n.startswith("stride_") and n not in _NOT_OF_16)
+
+
+def _own_constexprs(kernel, values: dict) -> dict:
+    """The subset of ``values`` that ``kernel`` takes (the dprefix kernel has no causal or mask variants)."""
+    return {k: v for k, v in values.items() if k in kernel.arg_names}
+
+
+def _alternatives(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[dict]:
+    """Further candidates the autotuner times against the default on GPUs (changes to the default's tiles;
+    each is registered, so each compiles spill-free and within its loop budgets ahead of time)."""
+    return []
+
+
+def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[dict]:
+    """Candidates, the default first (the one used under the interpreter and with autotuning off)."""
+    default = _tile(kernel, dtype, head_dim, arch)
+    return [default] + [dict(default, **alt) for alt in _alternatives(kernel, dtype, head_dim, arch, tma)]
+
+
+def _tma_arch(dtype: torch.dtype, arch: int) -> bool:
+    """Where tiles may come through tensor descriptors: 16-bit inputs on sm_90 tiles."""
+    return arch >= 90 and dtype != torch.float32
+
+
+def _key(dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> tuple:
+    return (_TL_TYPES[dtype], head_dim, arch, tma)
+
+
+def _register_configs() -> None:
+    """What ships: every kernel for each dtype, head_dim and architecture, compiled as the packed causal
+    variant; on sm_90 16-bit also the padded causal variant with tensor descriptors (the layout Hugging
+    Face models pass)."""
+    for dtype, t in _TL_TYPES.items():
+        for head_dim, kernel, arch in itertools.product(HEAD_DIMS, _KERNELS, ARCHS):
+            block_d = triton.next_power_of_2(head_dim)
+            for tma in (True, False) if _tma_arch(dtype, arch) else (False,):
+                candidates = _tiles(kernel, dtype, head_dim, arch, tma)
+                # the dprefix launcher sizes its partial buffers from the tiles: one candidate only
+                assert kernel is not prefix_attention_bwd_dprefix_kernel or len(candidates) == 1
+                for i, tiles in enumerate(candidates):
+                    if kernel is prefix_attention_bwd_dkdv_kernel:
+                        assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole tiles"
+                    register(KernelConfig(
+                        kernel, f"{t} D={head_dim}" + (" tma" if tma else "") + (f" alt{i}" if i else ""),
+                        arch=arch, key=_key(dtype, head_dim, arch, tma),
+                        signature=_signature(kernel, t, dict(tiles, BLOCK_D=block_d), tma),
+                        constexprs=_own_constexprs(kernel, dict(
+                            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
+                            CAUSAL=True, VARLEN=not tma, HAS_MASK=False, UPCAST=False,
+                            PRECISION="ieee" if dtype == torch.float32 else "tf32", TMA=tma)),
+                        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                        expect_wgmma=dtype != torch.float32, multiple_of_16=_strides_of_16(kernel),
+                        budgets=tiles.get("budgets", {}) if dtype != torch.float32 else {}))
+
+
+_register_configs()
+
+
+def arch_of(device: torch.device) -> int:
+    """Which tuned tiles a device gets: sm_90 tiles for Hopper and newer (and under the interpreter)."""
+    if device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def _tma_requested() -> str:
+    value = os.environ.get(TMA_VAR, "auto").strip().lower() or "auto"
+    if value not in _TMA_CHOICES:
+        raise ValueError(f"environment variable {TMA_VAR} expected one of {_TMA_CHOICES}, got {value!r}")
+    return value
+
+
+def _describable(t: torch.Tensor) -> bool:
+    """What a TMA descriptor can address: 16-byte aligned base, unit-stride last dim, and every other dim
+    of size > 1 with a positive stride that is a multiple of 16 bytes (expanded or odd slices: no)."""
+    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(s > 0 and s * t.element_size() % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a kernel gets tensor descriptors for ``tensors`` (the ones it streams), see the module doc."""
+    mode = _tma_requested()
+    if mode == "0" or varlen or not _tma_arch(dtype, arch_of(device)):
+        return False
+    if mode == "auto" and (device.type != "cuda" or backend.interpreting()):
+        return False
+    if mode == "1" and device.type == "cuda" and not backend.interpreting() and arch_of(device) < 90:
+        raise RuntimeError(f"{TMA_VAR}=1 asks for tensor descriptors (TMA), which this GPU "
+                           f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}) does not have")
+    return all(_describable(t) for t in tensors)
+
+
+def descriptors(kernel, params: dict, tma: bool, tensors: tuple[torch.Tensor, ...]) -> tuple:
+    """The ``*_desc`` arguments of a launch: 4-D ``[sequences, heads, tokens, head_dim]`` descriptors whose
+    box is one tile (rows: the kernel's streamed tile, columns: BLOCK_D, zero-filled past head_dim), or the
+    tensors themselves when the kernel takes pointers (the arguments are then unused)."""
+    if not tma:
+        return tensors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, params[_DESC_ROWS[kernel]], params["BLOCK_D"]]
+    unit = 16 // tensors[0].element_size()  # a dim of size 1 is never stepped: any valid stride will do
+    return tuple(TensorDescriptor(t, list(t.shape), [s if n > 1 else unit for s, n in zip(t.stride(), t.shape)],
+                                  block) for t in tensors)
+
+
+def _shipped(head_dim: int) -> int:
+    shipped = min((d for d in HEAD_DIMS if d >= head_dim), default=None)
+    if shipped is None:
+        raise ValueError(f"prefix_attention: head_dim up to {HEAD_DIMS[-1]} is supported, got {head_dim}")
+    return shipped
+
+
+def candidates(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[KernelConfig]:
+    """The registered configurations for a launch (nearest registered head_dim at or above), default first."""
+    key = _key(dtype, _shipped(head_dim), arch, tma)
+    return [c for c in configs_for(kernel) if c.key == key]
+
+
+def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has_mask: bool) -> dict:
+    """A registered configuration's constexprs and launch parameters for one call."""
+    return dict(_own_constexprs(cfg.kernel, dict(
+        cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
+        VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting())),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def launch(kernel, configs: list[KernelConfig], tune_key: tuple, device: torch.device, head_dim: int,
+           causal: bool, varlen: bool, has_mask: bool, grid: Callable[[dict], tuple],
+           args: Callable[[dict], tuple]) -> dict:
+    """Launch ``kernel`` with the fastest of ``configs`` for ``tune_key`` (timed on first use on GPUs, the
+    default elsewhere): ``grid(params)`` and ``args(params)`` give the grid and positional arguments for a
+    configuration's parameters. Returns the parameters launched."""
+    def run(cfg: KernelConfig) -> dict:
+        params = specialise(cfg, head_dim, causal, varlen, has_mask)
+        kernel[grid(params)](*args(params), **params)
+        return params
+
+    chosen = autotune.pick(kernel.fn.__name__, tune_key, configs, run, device)
+    return run(chosen)  # the last timed run may have been another candidate

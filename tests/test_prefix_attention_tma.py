@@ -1,0 +1,134 @@
+"""The tensor-descriptor (TMA) kernels of the padded layout, run under the interpreter with
+``PDFKERNELS_TMA=1`` against the float64 reference, and the dispatch that decides when they run.
+
+On a GPU the same kernels run compiled in ``tests/test_gpu.py`` (``auto`` mode on sm_90).
+"""
+
+import pytest
+import torch
+
+import pdfkernels
+from pdfkernels import backend, reference
+from pdfkernels import prefix_attention_configs as configs
+from pdfkernels.layout import cu_seqlens_from_lengths
+from tests.test_prefix_attention import _check_grads, _hf_layout, _padding_mask
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch, kernel_device):
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    return kernel_device
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, whether it got descriptors) for every kernel launch, spied on the descriptor step."""
+    seen = []
+    real = configs.descriptors
+
+    def spy(kernel, params, tma, tensors):
+        seen.append((kernel.fn.__name__, tma))
+        return real(kernel, params, tma, tensors)
+
+    monkeypatch.setattr(configs, "descriptors", spy)
+    return seen
+
+
+def _kernels(k: int) -> list[str]:
+    names = ["prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel", "prefix_attention_bwd_dq_kernel"]
+    return names + (["prefix_attention_bwd_dprefix_kernel"] if k else [])
+
+
+TMA_PADDED = [
+    # b, heads, kv_heads, L, D, N, K, padding, causal, dtype
+    (2, 12, 2, 64, 128, 2, 20, "left", True, torch.bfloat16),  # Qwen2-VL-2B's GQA 12/2
+    (1, 6, 1, 300, 64, 2, 20, "none", True, torch.bfloat16),  # several whole tiles and a partial one
+    (3, 12, 2, 7, 128, 4, 33, "left", False, torch.float16),  # a partial prefix tile, a short sequence
+    (2, 4, 1, 20, 80, 2, 5, "right", True, torch.bfloat16),  # head_dim 80: the box's columns past 80 are zeros
+    (2, 8, 2, 33, 128, 1, 0, "none", True, torch.float16),  # no prefix: its descriptors are never read
+]
+
+
+@pytest.mark.parametrize("b,heads,kv_heads,length,d,n,k,padding,causal,dtype", TMA_PADDED,
+                         ids=[f"L{c[3]}-K{c[6]}-G{c[1] // c[2]}-D{c[4]}-{c[7]}-{'causal' if c[8] else 'full'}"
+                              f"-{str(c[9])[6:]}" for c in TMA_PADDED])
+def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype, monkeypatch,
+                                     launches):
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    q = _hf_layout(b, length, heads, d, dtype)
+    key, val = _hf_layout(b, length, kv_heads, d, dtype), _hf_layout(b, length, kv_heads, d, dtype)
+    pk, pv = torch.randn(n, kv_heads, k, d).to(dtype), torch.randn(n, kv_heads, k, d).to(dtype)
+    paths = torch.randint(0, n, (b,))
+    mask = _padding_mask(b, length, padding)
+
+    def ours(*t):
+        return pdfkernels.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
+
+    def ref(*t):
+        return reference.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
+
+    _check_grads(ours, ref, [q, key, val, pk, pv], dtype)
+    assert launches == [(name, True) for name in _kernels(k)]
+
+
+def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, launches):
+    """Expanded keys (stride 0) and a query whose base is not 16-byte aligned: pointer kernels, same answer."""
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    b, heads, kv_heads, length, d, n, k, dtype = 2, 4, 2, 40, 64, 2, 20, torch.bfloat16
+    flat = torch.randn(b * length * heads * d + 1).to(dtype)
+    q = flat[1:].view(b, length, heads, d).transpose(1, 2)  # 2 bytes past an aligned base
+    assert q.data_ptr() % 16
+    key = torch.randn(b, length, 1, d).to(dtype).expand(b, length, kv_heads, d).transpose(1, 2)
+    val = _hf_layout(b, length, kv_heads, d, dtype)
+    pk, pv = torch.randn(n, kv_heads, k, d).to(dtype), torch.randn(n, kv_heads, k, d).to(dtype)
+    paths = torch.tensor([1, 0])
+    leaves = [t.detach().requires_grad_() for t in (q, key, val, pk, pv)]
+    out = pdfkernels.prefix_attention(*leaves, paths)
+    ref = reference.prefix_attention(*(t.double() for t in (q, key, val, pk, pv)), paths)
+    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.02)
+    assert dict(launches)["prefix_attention_fwd_kernel"] is False  # the expanded keys
+    out.float().sum().backward()
+    assert dict(launches)["prefix_attention_bwd_dkdv_kernel"] is False  # the misaligned query
+
+
+def test_packed_sequences_and_fp32_never_get_descriptors(monkeypatch, launches):
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    lengths, heads, kv_heads, d = [5, 19], 4, 2, 64
+    cu = cu_seqlens_from_lengths(lengths)
+    for dtype in (torch.bfloat16, torch.float32):
+        q = torch.randn(sum(lengths), heads, d).to(dtype).requires_grad_()
+        kv = [torch.randn(sum(lengths), kv_heads, d).to(dtype) for _ in range(2)]
+        pk, pv = torch.randn(2, kv_heads, 3, d).to(dtype), torch.randn(2, kv_heads, 3, d).to(dtype)
+        pdfkernels.prefix_attention_varlen(q, *kv, pk, pv, cu, max(lengths), torch.tensor([0, 1])).sum().backward()
+    q, key, val = (_hf_layout(1, 9, 2, d, torch.float32) for _ in range(3))
+    pdfkernels.prefix_attention(q, key, val, torch.randn(1, 2, 3, d), torch.randn(1, 2, 3, d), torch.tensor([0]))
+    assert launches and not any(tma for _, tma in launches)
+
+
+def test_auto_mode_keeps_descriptors_to_gpus_and_off_switches_them_off(monkeypatch):
+    t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(configs.TMA_VAR, "auto")
+    assert not configs.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    assert configs.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(configs.TMA_VAR, "0")
+    assert not configs.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(configs.TMA_VAR, "yes")
+    with pytest.raises(ValueError, match="PDFKERNELS_TMA expected one of"):
+        configs.use_tma(cpu, torch.bfloat16, False, (t,))
+
+
+def test_descriptor_boxes_follow_the_launched_tiles():
+    """One box per streamed tile: rows from the kernel's tile, columns BLOCK_D; a size-1 dim gets a valid
+    stride (16 bytes) whatever torch reports for it."""
+    k = torch.randn(1, 7, 2, 80).to(torch.bfloat16).transpose(1, 2)  # [1, 2, 7, 80]
+    params = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128}
+    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, True, (k,))
+    assert desc.block_shape == [1, 1, 32, 128] and list(desc.shape) == [1, 2, 7, 80]
+    assert desc.strides == [8, 80, 160, 1]
+    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dkdv_kernel, params,
+                                  True, (k,))
+    assert desc.block_shape == [1, 1, 64, 128]
+    assert configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, False,
+                               (k,)) == (k,)
