@@ -20,7 +20,13 @@ PYEOF
 status=0
 "$PY" -m pytest tests -q -m gpu > "$DEST/gpu-tests.log" 2>&1 || status=1
 "$PY" -m pytest tests -q -m "not gpu" --deselect tests/test_aot.py > "$DEST/kernel-tests-on-cuda.log" 2>&1 || status=1
+# the autotuner's choice per launch key (descriptor vs pointer kernels) goes to the logs
+export PDFKERNELS_AUTOTUNE_LOG=1
 "$PY" -m pdfkernels.bench --out "$DEST" > "$DEST/bench.md" 2>&1 || status=1
+# the same attention timings with the pointer kernels only and with autotuning off: TMA's share, side by side
+PDFKERNELS_TMA=0 "$PY" -m pdfkernels.bench --only prefix_attention --out "$DEST/tma-off" > "$DEST/bench-tma-off.md" 2>&1 || status=1
+PDFKERNELS_AUTOTUNE=0 "$PY" -m pdfkernels.bench --only prefix_attention --out "$DEST/autotune-off" \
+    > "$DEST/bench-autotune-off.md" 2>&1 || status=1
 tail -n 3 "$DEST"/*.log "$DEST/bench.md"
 echo "results in $DEST (status $status)"
 exit $status

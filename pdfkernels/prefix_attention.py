@@ -77,7 +77,7 @@ def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: b
     tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
 
     def args(p: dict) -> tuple:
-        return (q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, *configs.descriptors(kernel, p, tma, streamed),
+        return (q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, *configs.descriptors(kernel, p, streamed),
                 max_len, group, num_prefix, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
                 pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(out), *layout.lse_strides(lse),
                 layout.mask.stride(0) if layout.mask is not None else 0)
@@ -110,7 +110,7 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
 
     def dkdv_args(p: dict) -> tuple:
-        return (q, k, v, do, lse, delta, layout.cu, mask, dk, dv, *configs.descriptors(kernel, p, tma, streamed),
+        return (q, k, v, do, lse, delta, layout.cu, mask, dk, dv, *configs.descriptors(kernel, p, streamed),
                 max_len, group, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
                 *layout.q_strides(do), *layout.q_strides(dk), *layout.q_strides(dv), *layout.lse_strides(lse),
                 mask_stride)
@@ -126,7 +126,7 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
 
     def dq_args(p: dict) -> tuple:
         return (q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq,
-                *configs.descriptors(kernel, p, tma, streamed), max_len, group, num_prefix, scale,
+                *configs.descriptors(kernel, p, streamed), max_len, group, num_prefix, scale,
                 *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1),
                 pk.stride(2), *layout.q_strides(do), *layout.q_strides(dq), *layout.lse_strides(lse), mask_stride)
 
@@ -142,19 +142,24 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     kernel = prefix_attention_bwd_dprefix_kernel
     streamed = (q, do)
     tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
-    (cfg,) = configs.candidates(kernel, q.dtype, head_dim, arch, tma)  # one: the buffers follow its tiles
-    p = configs.specialise(cfg, head_dim, causal, layout.varlen, has_mask)
+    options = configs.candidates(kernel, q.dtype, head_dim, arch, tma)
+    p = configs.specialise(options[0], head_dim, causal, layout.varlen, has_mask)  # every option has its tiles
     chunk = triton.cdiv(triton.cdiv(DPREFIX_CHUNK_ROWS, group), p["BLOCK_M"]) * p["BLOCK_M"]  # tokens
     chunks = triton.cdiv(max_len, chunk)
     key_blocks = triton.cdiv(num_prefix, p["BLOCK_N"])
     k_pad = key_blocks * p["BLOCK_N"]
     dpk_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
     dpv_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
-    kernel[(chunks, layout.num_seqs, hkv * key_blocks)](
-        q, pk, pv, path_ids, do, lse, delta, layout.cu, dpk_part, dpv_part,
-        *configs.descriptors(kernel, p, tma, streamed), max_len, group, num_prefix, chunk, scale,
-        *layout.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(do),
-        *layout.lse_strides(lse), **p)
+
+    def dprefix_args(p: dict) -> tuple:
+        return (q, pk, pv, path_ids, do, lse, delta, layout.cu, dpk_part, dpv_part,
+                *configs.descriptors(kernel, p, streamed), max_len, group, num_prefix, chunk, scale,
+                *layout.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(do),
+                *layout.lse_strides(lse))
+
+    configs.launch(kernel, options, _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device,
+                   head_dim, causal, layout.varlen, has_mask,
+                   lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args)
     one_hot = torch.nn.functional.one_hot(path_ids, num_paths).T.float()[:, :, None]  # [N, S, 1]
     per_path = []
     for part in (dpk_part, dpv_part):

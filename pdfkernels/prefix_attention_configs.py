@@ -33,15 +33,16 @@ HEAD_DIMS = (64, 80, 96, 128)
 ARCHS = (80, 90)  # tuned for A100-class and H100-class GPUs; newer GPUs use the sm_90 tiles
 _KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
             prefix_attention_bwd_dprefix_kernel)
-# pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix kernels: the most that each Triton
-# line compiles without spills (3.6, as on the GPU machines: 1; 3.9: 2)
-_SM90_BWD_STAGES = 1 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7) else 2
+_TRITON_LINE = tuple(int(p) for p in triton.__version__.split(".")[:2])
+# pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix pointer kernels: the most that each
+# Triton line compiles without spills (3.6, as on the GPU machines: 1; 3.9: 2)
+_SM90_BWD_STAGES = 1 if _TRITON_LINE < (3, 7) else 2
 TMA_VAR = "PDFKERNELS_TMA"
 _TMA_CHOICES = ("auto", "0", "1")
 
 
-def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
-    """The default tiles, launch parameters and static-profile budgets per kernel, dtype, head_dim and
+def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> dict:
+    """The tiles, launch parameters and static-profile budgets per kernel, dtype, head_dim and
     architecture: the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
     with Triton 3.6, as on the GPU machines, and 3.9). The sm_90 16-bit dK/dV and head_dim-128 dprefix
     kernels are pipelined per Triton version: 3.6 spills with two stages (8/24 bytes outside the inner
@@ -50,7 +51,16 @@ def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
 
     BLOCK_M counts query rows, BLOCK_N keys (own or prefix). dK/dV: BLOCK_N keys are the MMA's M operand
-    (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles)."""
+    (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles).
+    TMA variants take the same tiles (dprefix: its partial buffers follow them); the head_dim-128 TMA
+    dprefix pipelines two stages on both Triton lines (TMA frees the address registers)."""
+    tiles = _pointer_tile(kernel, dtype, head_dim, arch)
+    if tma and kernel is prefix_attention_bwd_dprefix_kernel:
+        tiles["num_stages"] = 2
+    return tiles
+
+
+def _pointer_tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     wide = head_dim > 64
     if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
         if kernel is prefix_attention_bwd_dkdv_kernel:  # sm_90, 8 warps: Triton 3.6 spills 8 bytes
@@ -130,25 +140,30 @@ def _own_constexprs(kernel, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in kernel.arg_names}
 
 
-def _alternatives(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[dict]:
-    """Further candidates the autotuner times against the default on GPUs (changes to the default's tiles;
-    each is registered, so each compiles spill-free and within its loop budgets ahead of time)."""
-    return []
-
-
-def _tiles(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[dict]:
-    """Candidates, the default first (the one used under the interpreter and with autotuning off)."""
-    default = _tile(kernel, dtype, head_dim, arch)
-    return [default] + [dict(default, **alt) for alt in _alternatives(kernel, dtype, head_dim, arch, tma)]
-
-
 def _tma_arch(dtype: torch.dtype, arch: int) -> bool:
     """Where tiles may come through tensor descriptors: 16-bit inputs on sm_90 tiles."""
     return arch >= 90 and dtype != torch.float32
 
 
-def _key(dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> tuple:
-    return (_TL_TYPES[dtype], head_dim, arch, tma)
+def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
+    """Which variants ship (True: tensor descriptors, False: pointer loads), the default first: the one
+    whose main loops profile lower on sm_90 with this Triton line (``python -m pdfkernels.aot --profile``).
+    On a GPU the autotuner times every variant a call's tensors allow. Issue clocks per MMA unit, bf16
+    head_dim 128, TMA / pointers: forward 15.4 / 16.5 (3.9), 15.7 / 16.8 (3.6); dK/dV 18.1 / 19.1 (3.9),
+    25.3 / 21.4 (3.6: over its budget, not shipped); dQ 17.8 / 17.9 (3.9), 17.9 / 15.2 (3.6); dprefix
+    22.6 / 23.1 (3.9), 19.0 / 19.5 (3.6)."""
+    if not _tma_arch(dtype, arch):
+        return (False,)
+    old_triton = _TRITON_LINE < (3, 7)
+    if kernel is prefix_attention_bwd_dkdv_kernel and old_triton:
+        return (False,)
+    if kernel is prefix_attention_bwd_dq_kernel and old_triton:
+        return (False, True)
+    return (True, False)
+
+
+def _key(dtype: torch.dtype, head_dim: int, arch: int) -> tuple:
+    return (_TL_TYPES[dtype], head_dim, arch)
 
 
 def _register_configs() -> None:
@@ -158,24 +173,20 @@ def _register_configs() -> None:
     for dtype, t in _TL_TYPES.items():
         for head_dim, kernel, arch in itertools.product(HEAD_DIMS, _KERNELS, ARCHS):
             block_d = triton.next_power_of_2(head_dim)
-            for tma in (True, False) if _tma_arch(dtype, arch) else (False,):
-                candidates = _tiles(kernel, dtype, head_dim, arch, tma)
-                # the dprefix launcher sizes its partial buffers from the tiles: one candidate only
-                assert kernel is not prefix_attention_bwd_dprefix_kernel or len(candidates) == 1
-                for i, tiles in enumerate(candidates):
-                    if kernel is prefix_attention_bwd_dkdv_kernel:
-                        assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole tiles"
-                    register(KernelConfig(
-                        kernel, f"{t} D={head_dim}" + (" tma" if tma else "") + (f" alt{i}" if i else ""),
-                        arch=arch, key=_key(dtype, head_dim, arch, tma),
-                        signature=_signature(kernel, t, dict(tiles, BLOCK_D=block_d), tma),
-                        constexprs=_own_constexprs(kernel, dict(
-                            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
-                            CAUSAL=True, VARLEN=not tma, HAS_MASK=False, UPCAST=False,
-                            PRECISION="ieee" if dtype == torch.float32 else "tf32", TMA=tma)),
-                        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-                        expect_wgmma=dtype != torch.float32, multiple_of_16=_strides_of_16(kernel),
-                        budgets=tiles.get("budgets", {}) if dtype != torch.float32 else {}))
+            for tma in _variants(kernel, dtype, arch):
+                tiles = _tile(kernel, dtype, head_dim, arch, tma)
+                if kernel is prefix_attention_bwd_dkdv_kernel:
+                    assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole query tiles"
+                register(KernelConfig(
+                    kernel, f"{t} D={head_dim}" + (" tma" if tma else ""), arch=arch, key=_key(dtype, head_dim, arch),
+                    signature=_signature(kernel, t, dict(tiles, BLOCK_D=block_d), tma),
+                    constexprs=_own_constexprs(kernel, dict(
+                        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
+                        CAUSAL=True, VARLEN=not tma, HAS_MASK=False, UPCAST=False,
+                        PRECISION="ieee" if dtype == torch.float32 else "tf32", TMA=tma)),
+                    num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
+                    expect_wgmma=dtype != torch.float32, multiple_of_16=_strides_of_16(kernel),
+                    budgets=tiles.get("budgets", {}) if dtype != torch.float32 else {}))
 
 
 _register_configs()
@@ -217,11 +228,11 @@ def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tup
     return all(_describable(t) for t in tensors)
 
 
-def descriptors(kernel, params: dict, tma: bool, tensors: tuple[torch.Tensor, ...]) -> tuple:
+def descriptors(kernel, params: dict, tensors: tuple[torch.Tensor, ...]) -> tuple:
     """The ``*_desc`` arguments of a launch: 4-D ``[sequences, heads, tokens, head_dim]`` descriptors whose
     box is one tile (rows: the kernel's streamed tile, columns: BLOCK_D, zero-filled past head_dim), or the
     tensors themselves when the kernel takes pointers (the arguments are then unused)."""
-    if not tma:
+    if not params["TMA"]:
         return tensors
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -239,9 +250,10 @@ def _shipped(head_dim: int) -> int:
 
 
 def candidates(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[KernelConfig]:
-    """The registered configurations for a launch (nearest registered head_dim at or above), default first."""
-    key = _key(dtype, _shipped(head_dim), arch, tma)
-    return [c for c in configs_for(kernel) if c.key == key]
+    """The registered configurations for a launch (nearest registered head_dim at or above), default first;
+    ``tma``: whether the call's tensors may take the descriptor variants."""
+    key = _key(dtype, _shipped(head_dim), arch)
+    return [c for c in configs_for(kernel) if c.key == key and (tma or not c.constexprs["TMA"])]
 
 
 def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has_mask: bool) -> dict:

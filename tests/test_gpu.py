@@ -78,3 +78,43 @@ def test_vclub_ops_at_scale(dtype, kernel_device):
     pairwise = pdfkernels.gaussian_loglik_pairwise(y[0], mu[1], logvar[1])
     ref = reference.gaussian_loglik_pairwise(y[0].double(), mu[1].double(), logvar[1].double())
     _close(pairwise, ref, dtype, "pairwise")
+
+
+@pytest.mark.parametrize("tune", ["0", "1"], ids=["default-variant", "autotuned"])
+def test_descriptor_kernels_on_hopper(tune, monkeypatch, kernel_device):
+    """On sm_90 the padded layout takes the tensor-descriptor (TMA) kernels by default (the forward always
+    ships one); autotuned, every shipped variant is timed once per key. Either way the answer is right."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors need sm_90")
+    from pdfkernels import autotune
+    from pdfkernels import prefix_attention_configs as configs
+
+    monkeypatch.setenv(autotune.ENV_VAR, tune)
+    monkeypatch.setenv(configs.TMA_VAR, "auto")
+    seen = []
+    real = configs.descriptors
+    monkeypatch.setattr(configs, "descriptors",
+                        lambda kernel, p, t: seen.append((kernel.fn.__name__, p["TMA"])) or real(kernel, p, t))
+    autotune.clear()
+    dtype, b, length, heads, kv_heads, d, n, k = torch.bfloat16, 2, 2048, 12, 2, 128, 2, 20
+    q = torch.randn(b, length, heads, d, dtype=dtype).transpose(1, 2)
+    key = torch.randn(b, length, kv_heads, d, dtype=dtype).transpose(1, 2)
+    val = torch.randn(b, length, kv_heads, d, dtype=dtype).transpose(1, 2)
+    pk, pv = torch.randn(n, kv_heads, k, d, dtype=dtype), torch.randn(n, kv_heads, k, d, dtype=dtype)
+    paths = torch.tensor([1, 0])
+    leaves = [t.detach().requires_grad_() for t in (q, key, val, pk, pv)]
+    out = pdfkernels.prefix_attention(*leaves, paths)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    exact = [t.detach().double().requires_grad_() for t in (q, key, val, pk, pv)]
+    ref = reference.prefix_attention(*exact, paths)
+    ref_grads = torch.autograd.grad(ref, exact, upstream.double())
+    _close(out, ref.detach(), dtype, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, ref_grads):
+        _close(g, r, dtype, name)
+    if tune == "0":
+        assert ("prefix_attention_fwd_kernel", True) in seen
+    else:
+        timed = autotune.chosen()
+        assert any(op == "prefix_attention_fwd_kernel" and len(v["times_ms"]) == 2 for (op, _), v in timed.items())
+    autotune.clear()

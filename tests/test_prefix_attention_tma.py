@@ -1,5 +1,6 @@
 """The tensor-descriptor (TMA) kernels of the padded layout, run under the interpreter with
-``PDFKERNELS_TMA=1`` against the float64 reference, and the dispatch that decides when they run.
+``PDFKERNELS_TMA=1`` against the float64 reference, the dispatch that decides when they may run, and the
+autotuned choice between them and the pointer kernels.
 
 On a GPU the same kernels run compiled in ``tests/test_gpu.py`` (``auto`` mode on sm_90).
 """
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import autotune, backend, reference
 from pdfkernels import prefix_attention_configs as configs
 from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.registry import configs_for
 from tests.test_prefix_attention import _check_grads, _hf_layout, _padding_mask
 
 
@@ -26,17 +28,35 @@ def launches(monkeypatch):
     seen = []
     real = configs.descriptors
 
-    def spy(kernel, params, tma, tensors):
-        seen.append((kernel.fn.__name__, tma))
-        return real(kernel, params, tma, tensors)
+    def spy(kernel, params, tensors):
+        seen.append((kernel.fn.__name__, params["TMA"]))
+        return real(kernel, params, tensors)
 
     monkeypatch.setattr(configs, "descriptors", spy)
     return seen
 
 
-def _kernels(k: int) -> list[str]:
-    names = ["prefix_attention_fwd_kernel", "prefix_attention_bwd_dkdv_kernel", "prefix_attention_bwd_dq_kernel"]
-    return names + (["prefix_attention_bwd_dprefix_kernel"] if k else [])
+@pytest.fixture
+def tma_first(monkeypatch):
+    """Every kernel that ships a descriptor variant (with this Triton) launches it, whichever is the default."""
+    real = configs.candidates
+
+    def ordered(*args):
+        return sorted(real(*args), key=lambda c: not c.constexprs["TMA"])
+
+    monkeypatch.setattr(configs, "candidates", ordered)
+
+
+def _expected(k: int) -> list[tuple[str, bool]]:
+    kernels = [pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel,
+               pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dkdv_kernel,
+               pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dq_kernel]
+    kernels += [pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dprefix_kernel] if k else []
+    return [(kn.fn.__name__, any(c.constexprs["TMA"] for c in configs_for(kn))) for kn in kernels]
+
+
+def test_the_forward_and_dprefix_ship_descriptor_variants():
+    assert [tma for _, tma in _expected(1)][::3] == [True, True]
 
 
 TMA_PADDED = [
@@ -53,7 +73,7 @@ TMA_PADDED = [
                          ids=[f"L{c[3]}-K{c[6]}-G{c[1] // c[2]}-D{c[4]}-{c[7]}-{'causal' if c[8] else 'full'}"
                               f"-{str(c[9])[6:]}" for c in TMA_PADDED])
 def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype, monkeypatch,
-                                     launches):
+                                     launches, tma_first):
     monkeypatch.setenv(configs.TMA_VAR, "1")
     q = _hf_layout(b, length, heads, d, dtype)
     key, val = _hf_layout(b, length, kv_heads, d, dtype), _hf_layout(b, length, kv_heads, d, dtype)
@@ -68,7 +88,7 @@ def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, paddin
         return reference.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
 
     _check_grads(ours, ref, [q, key, val, pk, pv], dtype)
-    assert launches == [(name, True) for name in _kernels(k)]
+    assert launches == _expected(k)
 
 
 def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, launches):
@@ -123,12 +143,48 @@ def test_descriptor_boxes_follow_the_launched_tiles():
     """One box per streamed tile: rows from the kernel's tile, columns BLOCK_D; a size-1 dim gets a valid
     stride (16 bytes) whatever torch reports for it."""
     k = torch.randn(1, 7, 2, 80).to(torch.bfloat16).transpose(1, 2)  # [1, 2, 7, 80]
-    params = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128}
-    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, True, (k,))
+    params = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128, "TMA": True}
+    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, (k,))
     assert desc.block_shape == [1, 1, 32, 128] and list(desc.shape) == [1, 2, 7, 80]
     assert desc.strides == [8, 80, 160, 1]
     (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dkdv_kernel, params,
-                                  True, (k,))
+                                  (k,))
     assert desc.block_shape == [1, 1, 64, 128]
-    assert configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, False,
-                               (k,)) == (k,)
+    assert configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel,
+                               dict(params, TMA=False), (k,)) == (k,)
+
+
+def test_gpus_time_every_variant_and_launch_the_fastest(monkeypatch, launches):
+    """With autotuning on (faked here: the interpreter never tunes), each launch key times the descriptor
+    and pointer variants once, launches the faster one afterwards, and the answer is right either way."""
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setattr(autotune, "enabled", lambda device: True)
+    timed = []
+
+    def fake_bench(fn):  # runs the candidate once; the pointer variants "win"
+        before = len(launches)
+        fn()
+        timed.append(launches[before:])
+        return 1.0 if launches[-1][1] else 0.5
+
+    monkeypatch.setattr(autotune, "_bench", fake_bench)
+    autotune.clear()
+    b, heads, kv_heads, length, d, n, k, dtype = 2, 4, 2, 24, 64, 2, 20, torch.bfloat16
+    q, key, val = _hf_layout(b, length, heads, d, dtype), *(_hf_layout(b, length, kv_heads, d, dtype) for _ in "kv")
+    pk, pv = torch.randn(n, kv_heads, k, d).to(dtype), torch.randn(n, kv_heads, k, d).to(dtype)
+    paths = torch.tensor([0, 1])
+    try:
+        _check_grads(lambda *t: pdfkernels.prefix_attention(*t, paths),
+                     lambda *t: reference.prefix_attention(*t, paths), [q, key, val, pk, pv], dtype)
+        chosen = autotune.chosen()
+    finally:
+        autotune.clear()
+    shipped = dict(_expected(k))
+    for name, has_tma in shipped.items():
+        if has_tma:  # two variants: both timed, the pointer one chosen and launched last
+            assert sorted(run[-1][1] for run in timed if run[-1][0] == name) == [False, True]
+            assert [tma for kn, tma in launches if kn == name][-1] is False
+            (entry,) = [v for (op, _), v in chosen.items() if op == name]
+            assert len(entry["times_ms"]) == 2
+        else:  # one variant: nothing to time
+            assert not any(run[-1][0] == name for run in timed)
