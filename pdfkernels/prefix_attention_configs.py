@@ -75,9 +75,9 @@ def _pointer_tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
         if kernel is prefix_attention_bwd_dkdv_kernel:
             return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=_SM90_BWD_STAGES,
                         budgets={"dkdv": 25.0} if head_dim == 128 else {})
-        if kernel is prefix_attention_bwd_dq_kernel:
-            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2,
-                        budgets={"dq": 25.0, "dq-prefix": 25.0} if head_dim == 128 else {})
+        if kernel is prefix_attention_bwd_dq_kernel:  # 64-key tiles: half the per-iteration overhead of 32
+            return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2,
+                        budgets={"dq": 15.0, "dq-prefix": 15.0} if head_dim == 128 else {})
         # dprefix: head_dim is the M operand of two of its dots (BLOCK_D rows); 80/96 pad to 128 and
         # their dim masks cost registers: smaller row tiles
         if head_dim == 128:
@@ -140,6 +140,16 @@ def _own_constexprs(kernel, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in kernel.arg_names}
 
 
+def _tile_options(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[dict]:
+    """Every registered tile set of one variant, the default first; on GPUs the autotuner times them all.
+    ``tag`` names an alternative in its config's variant."""
+    tiles = _tile(kernel, dtype, head_dim, arch, tma)
+    if kernel is prefix_attention_bwd_dq_kernel and _tma_arch(dtype, arch) and head_dim == 128:
+        # 32-key tiles: fewer registers (146-168 against 185-219), more programs' worth of overlap
+        return [tiles, dict(tiles, BLOCK_N=32, budgets={"dq": 20.0, "dq-prefix": 20.0}, tag="n32")]
+    return [tiles]
+
+
 def _tma_arch(dtype: torch.dtype, arch: int) -> bool:
     """Where tiles may come through tensor descriptors: 16-bit inputs on sm_90 tiles."""
     return arch >= 90 and dtype != torch.float32
@@ -150,7 +160,7 @@ def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
     whose main loops profile lower on sm_90 with this Triton line (``python -m pdfkernels.aot --profile``).
     On a GPU the autotuner times every variant a call's tensors allow. Issue clocks per MMA unit, bf16
     head_dim 128, TMA / pointers: forward 15.4 / 16.5 (3.9), 15.7 / 16.8 (3.6); dK/dV 18.1 / 19.1 (3.9),
-    25.3 / 21.4 (3.6: over its budget, not shipped); dQ 17.8 / 17.9 (3.9), 17.9 / 15.2 (3.6); dprefix
+    25.3 / 21.4 (3.6: over its budget, not shipped); dQ 12.1 / 12.5 (3.9), 11.8 / 11.0 (3.6); dprefix
     22.6 / 23.1 (3.9), 19.0 / 19.5 (3.6)."""
     if not _tma_arch(dtype, arch):
         return (False,)
@@ -173,12 +183,14 @@ def _register_configs() -> None:
     for dtype, t in _TL_TYPES.items():
         for head_dim, kernel, arch in itertools.product(HEAD_DIMS, _KERNELS, ARCHS):
             block_d = triton.next_power_of_2(head_dim)
-            for tma in _variants(kernel, dtype, arch):
-                tiles = _tile(kernel, dtype, head_dim, arch, tma)
+            options = [(tma, tiles) for tma in _variants(kernel, dtype, arch)
+                       for tiles in _tile_options(kernel, dtype, head_dim, arch, tma)]
+            for tma, tiles in options:
                 if kernel is prefix_attention_bwd_dkdv_kernel:
                     assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole query tiles"
+                label = f"{t} D={head_dim}" + (" tma" if tma else "") + (f" {tiles['tag']}" if "tag" in tiles else "")
                 register(KernelConfig(
-                    kernel, f"{t} D={head_dim}" + (" tma" if tma else ""), arch=arch, key=_key(dtype, head_dim, arch),
+                    kernel, label, arch=arch, key=_key(dtype, head_dim, arch),
                     signature=_signature(kernel, t, dict(tiles, BLOCK_D=block_d), tma),
                     constexprs=_own_constexprs(kernel, dict(
                         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
