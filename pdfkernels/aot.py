@@ -21,6 +21,7 @@ mma.sync (HMMA) anywhere, or a loop exceeds the budget recorded beside its confi
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -144,15 +145,20 @@ def _opcode(text: str) -> str:
     return parts[1] if parts and parts[0].startswith("@") and len(parts) > 1 else (parts[0] if parts else "")
 
 
-def _source_line(path: str, line: int) -> str:
+def _source_line(path: str, line: int, sources: dict[str, str] | None = None) -> str:
+    """Line ``line`` of the source file the SASS names. ``sources`` maps file names to the files compiled
+    now: a cubin from Triton's cache (keyed by the source's content) may name a copy of the same file at
+    another path, since edited, so the current file with that name is read instead."""
+    path = (sources or {}).get(Path(path).name, path)
     try:
         return Path(path).read_text().splitlines()[line - 1]
     except (OSError, IndexError):
         return ""
 
 
-def profile_sass(sass: str, warps: int) -> tuple[list[LoopProfile], int]:
-    """The MMA loops of one kernel's ``nvdisasm -g`` listing (innermost loops only) and its HMMA count."""
+def profile_sass(sass: str, warps: int, sources: dict[str, str] | None = None) -> tuple[list[LoopProfile], int]:
+    """The MMA loops of one kernel's ``nvdisasm -g`` listing (innermost loops only) and its HMMA count;
+    ``sources``: see ``_source_line``."""
     instrs, labels, where = [], {}, ("", 0)
     pending = []
     for raw in sass.splitlines():
@@ -179,7 +185,8 @@ def profile_sass(sass: str, warps: int) -> tuple[list[LoopProfile], int]:
         other = len(body) - len(hgmma) - hmma
         clk = other * (warps / 4) / (flop / MMA_UNIT_FLOP) if flop else float("inf")
         path, line = body[-1][2]
-        name = m.group(1) if (m := _LOOP_NAME.search(_source_line(path, line))) else f"{Path(path).name}:{line}"
+        m = _LOOP_NAME.search(_source_line(path, line, sources))
+        name = m.group(1) if m else f"{Path(path).name}:{line}"
         counts = {c: sum((op + " ").startswith(prefixes) for op, _, _ in body) for c, prefixes in _CLASSES.items()}
         loops.append(LoopProfile(name, len(body), len(hgmma), hmma, flop, counts, clk))
     return loops, sum(op.startswith("HMMA") for op, _, _ in instrs)
@@ -204,7 +211,8 @@ def profile_config(config, arch: int = 90) -> KernelProfile:
     report.registers = int(regs.group(1)) if regs else -1
     report.spill_bytes = int(stack.group(1)) if stack else -1
     report.shared_bytes = int(compiled.metadata.shared)
-    report.loops, report.hmma = profile_sass(sass, config.num_warps)
+    kernel_file = inspect.getsourcefile(config.kernel.fn)
+    report.loops, report.hmma = profile_sass(sass, config.num_warps, {Path(kernel_file).name: kernel_file})
     problems = []
     if config.expect_wgmma and report.hmma:
         problems.append(f"{report.hmma} mma.sync (HMMA) in sm_{arch} 16-bit code")

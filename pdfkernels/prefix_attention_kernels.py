@@ -74,6 +74,23 @@ def _tma_tile(desc, seq, head, row, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, 
 
 
 @triton.jit
+def _tile_pair(a_desc, b_desc, a_ptrs, b_ptrs, seq, head, row, ok, dims, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, ROWS: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """Two tiles streamed side by side (K and V, or q and dO), ``ROWS`` rows from token ``row``: through the
+    tensor descriptors with TMA (rows past the sequence and columns past head_dim arrive as zeros), else
+    through ``a_ptrs``/``b_ptrs`` (rows outside ``ok`` zero with MASK_ROWS). The unused side's address
+    arithmetic is dead code the compiler drops."""
+    if TMA:
+        a = _tma_tile(a_desc, seq, head, row, ROWS, BLOCK_D, UPCAST)
+        b = _tma_tile(b_desc, seq, head, row, ROWS, BLOCK_D, UPCAST)
+    else:
+        a = _load_tile(a_ptrs, ok, dims, HEAD_DIM, BLOCK_D, MASK_ROWS, UPCAST)
+        b = _load_tile(b_ptrs, ok, dims, HEAD_DIM, BLOCK_D, MASK_ROWS, UPCAST)
+    return a, b
+
+
+@triton.jit
 def _row_stats(lse_ptrs, delta_ptrs, ok, MASK_ROWS: tl.constexpr):
     """log2-sum-exp2 and delta of query rows; a row outside is (+inf, 0), so its probabilities are 0."""
     if MASK_ROWS:
@@ -189,23 +206,15 @@ def prefix_attention_fwd_kernel(
             k_full = K // BLOCK_N * BLOCK_N
             if k_full < K:
                 col_ok = k_full + offs_n < K
-                if TMA:  # keys past K arrive as zeros
-                    kt = _tma_tile(pk_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
-                    vt = _tma_tile(pv_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
-                else:
-                    kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
-                                    UPCAST)
-                    vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
-                                    UPCAST)
+                kt, vt = _tile_pair(pk_desc, pv_desc, (pk_seq + k_full * stride_pk) + p_tile,
+                                    (pv_seq + k_full * stride_pk) + p_tile, path, kv_head, k_full, col_ok, dims,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, UPCAST)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
                 m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, col_ok[None, :], True, PRECISION)
             for n0 in range(0, k_full, BLOCK_N):  # loop: fwd-prefix
-                if TMA:
-                    kt = _tma_tile(pk_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                    vt = _tma_tile(pv_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                else:
-                    kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                    vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                kt, vt = _tile_pair(pk_desc, pv_desc, (pk_seq + n0 * stride_pk) + p_tile,
+                                    (pv_seq + n0 * stride_pk) + p_tile, path, kv_head, n0, None, dims, HEAD_DIM,
+                                    BLOCK_D, BLOCK_N, False, TMA, UPCAST)
                 s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
                 m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, None, False, PRECISION)
 
@@ -217,12 +226,8 @@ def prefix_attention_fwd_kernel(
         k_tile = offs_n[:, None] * stride_kt + dims[None, :]
         v_tile = offs_n[:, None] * stride_vt + dims[None, :]
         for n0 in range(0, full_end, BLOCK_N):  # loop: fwd-own
-            if TMA:
-                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            kt, vt = _tile_pair(k_desc, v_desc, (k_seq + n0 * stride_kt) + k_tile, (v_seq + n0 * stride_vt) + v_tile,
+                                seq, kv_head, n0, None, dims, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             if HAS_MASK:  # padding can sit anywhere in a padded row: masked like an edge tile
                 real = _key_mask(mask_ptr, seq, stride_mb, n0 + offs_n, offs_n >= 0)
@@ -232,12 +237,8 @@ def prefix_attention_fwd_kernel(
         for n0 in range(full_end, hi, BLOCK_N):  # loop: fwd-own-edge
             cols = n0 + offs_n
             col_ok = cols < seqlen
-            if TMA:  # keys past the sequence's end arrive as zeros
-                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                kt = _load_tile((k_seq + n0 * stride_kt) + k_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                vt = _load_tile((v_seq + n0 * stride_vt) + v_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            kt, vt = _tile_pair(k_desc, v_desc, (k_seq + n0 * stride_kt) + k_tile, (v_seq + n0 * stride_vt) + v_tile,
+                                seq, kv_head, n0, col_ok, dims, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, UPCAST)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
             m_i, l_i, acc = _attend(s, vt, m_i, l_i, acc, qk_scale, visible, True, PRECISION)
@@ -325,12 +326,9 @@ def prefix_attention_bwd_dkdv_kernel(
             for m0 in range(start, diag_end, BLOCK_M):  # loop: dkdv-diagonal
                 toks = m0 + offs_m
                 ok = toks < seqlen
-                if TMA:
-                    q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-                    do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-                else:
-                    q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                    do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                q, do = _tile_pair(q_desc, do_desc, (q_seq + m0 * stride_qt) + q_tile,
+                                   (do_seq + m0 * stride_ot) + o_tile, seq, head, m0, ok, dims, HEAD_DIM, BLOCK_D,
+                                   BLOCK_M, True, TMA, UPCAST)
                 l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, cols, toks, True, PRECISION)
@@ -339,12 +337,9 @@ def prefix_attention_bwd_dkdv_kernel(
             for m0 in range(diag_end, seqlen, BLOCK_M):  # loop: dkdv
                 toks = m0 + offs_m
                 ok = toks < seqlen
-                if TMA:
-                    q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-                    do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-                else:
-                    q = _load_tile((q_seq + m0 * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                    do = _load_tile((do_seq + m0 * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+                q, do = _tile_pair(q_desc, do_desc, (q_seq + m0 * stride_qt) + q_tile,
+                                   (do_seq + m0 * stride_ot) + o_tile, seq, head, m0, ok, dims, HEAD_DIM, BLOCK_D,
+                                   BLOCK_M, True, TMA, UPCAST)
                 l_off = l_seq + toks * stride_lt
                 lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
                 dk, dv = _dkdv_step(kt, vt, q, do, lse, delta, dk, dv, qk_scale, None, None, False, PRECISION)
@@ -427,23 +422,15 @@ def prefix_attention_bwd_dq_kernel(
         else:
             k_full = K // BLOCK_N * BLOCK_N
             for n0 in range(0, k_full, BLOCK_N):  # loop: dq-prefix
-                if TMA:
-                    kt = _tma_tile(pk_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                    vt = _tma_tile(pv_desc, path, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                else:
-                    kt = _load_tile((pk_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                    vt = _load_tile((pv_seq + n0 * stride_pk) + p_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+                kt, vt = _tile_pair(pk_desc, pv_desc, (pk_seq + n0 * stride_pk) + p_tile,
+                                    (pv_seq + n0 * stride_pk) + p_tile, path, kv_head, n0, None, dims, HEAD_DIM,
+                                    BLOCK_D, BLOCK_N, False, TMA, UPCAST)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, None, False, PRECISION)
             if k_full < K:
                 col_ok = k_full + offs_n < K
-                if TMA:  # keys past K arrive as zeros
-                    kt = _tma_tile(pk_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
-                    vt = _tma_tile(pv_desc, path, kv_head, k_full, BLOCK_N, BLOCK_D, UPCAST)
-                else:
-                    kt = _load_tile((pk_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
-                                    UPCAST)
-                    vt = _load_tile((pv_seq + k_full * stride_pk) + p_tile, col_ok, dims, HEAD_DIM, BLOCK_D, True,
-                                    UPCAST)
+                kt, vt = _tile_pair(pk_desc, pv_desc, (pk_seq + k_full * stride_pk) + p_tile,
+                                    (pv_seq + k_full * stride_pk) + p_tile, path, kv_head, k_full, col_ok, dims,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, UPCAST)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, col_ok[None, :], True, PRECISION)
 
         # own keys: tiles every row sees whole, then the edge tiles
@@ -453,12 +440,8 @@ def prefix_attention_bwd_dq_kernel(
         v_ptrs = v_ptr + (seq.to(tl.int64) * stride_vb + tok0.to(tl.int64) * stride_vt + kv_head * stride_vh) \
             + (offs_n[:, None] * stride_vt + dims[None, :])
         for n0 in range(0, full_end, BLOCK_N):  # loop: dq
-            if TMA:
-                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                kt = _load_tile(k_ptrs + n0 * stride_kt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                vt = _load_tile(v_ptrs + n0 * stride_vt, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            kt, vt = _tile_pair(k_desc, v_desc, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, seq, kv_head, n0,
+                                None, dims, HEAD_DIM, BLOCK_D, BLOCK_N, False, TMA, UPCAST)
             if HAS_MASK:
                 real = _key_mask(mask_ptr, seq, stride_mb, n0 + offs_n, offs_n >= 0)
                 dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, real[None, :], True, PRECISION)
@@ -467,12 +450,8 @@ def prefix_attention_bwd_dq_kernel(
         for n0 in range(full_end, hi, BLOCK_N):  # loop: dq-edge
             cols = n0 + offs_n
             col_ok = cols < seqlen
-            if TMA:  # keys past the sequence's end arrive as zeros
-                kt = _tma_tile(k_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-                vt = _tma_tile(v_desc, seq, kv_head, n0, BLOCK_N, BLOCK_D, UPCAST)
-            else:
-                kt = _load_tile(k_ptrs + n0 * stride_kt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                vt = _load_tile(v_ptrs + n0 * stride_vt, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            kt, vt = _tile_pair(k_desc, v_desc, k_ptrs + n0 * stride_kt, v_ptrs + n0 * stride_vt, seq, kv_head, n0,
+                                col_ok, dims, HEAD_DIM, BLOCK_D, BLOCK_N, True, TMA, UPCAST)
             visible = _visible(cols, tok, seqlen, seq, mask_ptr, stride_mb, CAUSAL, HAS_MASK)
             dq = _dq_step(q, do, kt, vt, lse, delta, dq, qk_scale, visible, True, PRECISION)
         dq_off = seq.to(tl.int64) * stride_dqb + tok_off * stride_dqt + head[:, None] * stride_dqh + dims[None, :]
@@ -538,23 +517,16 @@ def prefix_attention_bwd_dprefix_kernel(
         do_seq = do_ptr + (seq64 * stride_ob + tok64 * stride_ot + head * stride_oh)
         l_seq = seq64 * stride_lb + tok64 * stride_lt + head
         for m0 in range(t_lo, full_end, BLOCK_M):  # loop: dprefix
-            if TMA:
-                q = _tma_tile(q_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-                do = _tma_tile(do_desc, seq, head, m0, BLOCK_M, BLOCK_D, UPCAST)
-            else:
-                q = _load_tile((q_seq + m0 * stride_qt) + q_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
-                do = _load_tile((do_seq + m0 * stride_ot) + o_tile, None, dims, HEAD_DIM, BLOCK_D, False, UPCAST)
+            q, do = _tile_pair(q_desc, do_desc, (q_seq + m0 * stride_qt) + q_tile, (do_seq + m0 * stride_ot) + o_tile,
+                               seq, head, m0, None, dims, HEAD_DIM, BLOCK_D, BLOCK_M, False, TMA, UPCAST)
             l_off = (l_seq + m0 * stride_lt) + l_tile
             lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, None, False)
             dpk_t, dpv_t = _dprefix_step(q, do, pkt, pvt, lse, delta, dpk_t, dpv_t, qk_scale, PRECISION)
         if full_end < t_hi:  # the chunk's last partial tile: rows outside load lse = +inf (probabilities 0)
             ok = full_end + offs_m < t_hi
-            if TMA:  # rows past the sequence's end arrive as zeros
-                q = _tma_tile(q_desc, seq, head, full_end, BLOCK_M, BLOCK_D, UPCAST)
-                do = _tma_tile(do_desc, seq, head, full_end, BLOCK_M, BLOCK_D, UPCAST)
-            else:
-                q = _load_tile((q_seq + full_end * stride_qt) + q_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-                do = _load_tile((do_seq + full_end * stride_ot) + o_tile, ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
+            q, do = _tile_pair(q_desc, do_desc, (q_seq + full_end * stride_qt) + q_tile,
+                               (do_seq + full_end * stride_ot) + o_tile, seq, head, full_end, ok, dims, HEAD_DIM,
+                               BLOCK_D, BLOCK_M, True, TMA, UPCAST)
             l_off = (l_seq + full_end * stride_lt) + l_tile
             lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, ok, True)
             dpk_t, dpv_t = _dprefix_step(q, do, pkt, pvt, lse, delta, dpk_t, dpv_t, qk_scale, PRECISION)

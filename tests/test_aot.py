@@ -94,3 +94,17 @@ def test_profile_flags_mma_sync_and_budgets():
     assert name == "small-dot" and hgmma > 0 and hmma == 0 and clk > 0.5
     assert any("budget 0.5" in p for p in over_budget["problems"])
     assert missing["problems"] == ["budget for loop 'missing', which has no MMA loop"]
+
+
+def test_loop_names_come_from_the_file_compiled_now(tmp_path):
+    """A cubin from Triton's cache can name a copy of the kernel file at another path (a clone, a worktree),
+    since edited: loop names are read from the current file of that name."""
+    from pdfkernels import aot
+
+    current = tmp_path / "kernels.py"
+    current.write_text("x = 1\nfor i in range(3):  # loop: main\n")
+    stale = tmp_path / "elsewhere" / "kernels.py"
+    stale.parent.mkdir()
+    stale.write_text("# edited since\n\n")
+    assert aot._source_line(str(stale), 2) == ""
+    assert "loop: main" in aot._source_line(str(stale), 2, {"kernels.py": str(current)})
