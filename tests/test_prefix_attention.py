@@ -79,6 +79,13 @@ PADDED = [
                          ids=[f"L{c[3]}-K{c[6]}-N{c[5]}-G{c[1] // c[2]}-D{c[4]}-{c[7]}-{'causal' if c[8] else 'full'}"
                               f"-{str(c[9])[6:]}" for c in PADDED])
 def test_padded_matches_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype):
+    out = check_padded_case(b, heads, kv_heads, length, d, n, k, padding, causal, dtype)
+    assert out.transpose(1, 2).is_contiguous(), "the caller's transpose back must be free"
+
+
+def check_padded_case(b, heads, kv_heads, length, d, n, k, padding, causal, dtype) -> torch.Tensor:
+    """One padded case on fresh inputs in Hugging Face's layout: output and all five gradients against
+    float64 (also run by the TMA tests)."""
     q = _hf_layout(b, length, heads, d, dtype)
     key, val = _hf_layout(b, length, kv_heads, d, dtype), _hf_layout(b, length, kv_heads, d, dtype)
     pk, pv = torch.randn(n, kv_heads, k, d).to(dtype), torch.randn(n, kv_heads, k, d).to(dtype)
@@ -91,8 +98,7 @@ def test_padded_matches_reference(b, heads, kv_heads, length, d, n, k, padding, 
     def ref(*t):
         return reference.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
 
-    out = _check_grads(ours, ref, [q, key, val, pk, pv], dtype)
-    assert out.transpose(1, 2).is_contiguous(), "the caller's transpose back must be free"
+    return _check_grads(ours, ref, [q, key, val, pk, pv], dtype)
 
 
 VARLEN = [

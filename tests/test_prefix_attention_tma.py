@@ -13,7 +13,7 @@ from pdfkernels import autotune, backend, reference
 from pdfkernels import prefix_attention_configs as configs
 from pdfkernels.layout import cu_seqlens_from_lengths
 from pdfkernels.registry import configs_for
-from tests.test_prefix_attention import _check_grads, _hf_layout, _padding_mask
+from tests.test_prefix_attention import _check_grads, _hf_layout, check_padded_case
 
 
 @pytest.fixture(autouse=True)
@@ -75,19 +75,7 @@ TMA_PADDED = [
 def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype, monkeypatch,
                                      launches, tma_first):
     monkeypatch.setenv(configs.TMA_VAR, "1")
-    q = _hf_layout(b, length, heads, d, dtype)
-    key, val = _hf_layout(b, length, kv_heads, d, dtype), _hf_layout(b, length, kv_heads, d, dtype)
-    pk, pv = torch.randn(n, kv_heads, k, d).to(dtype), torch.randn(n, kv_heads, k, d).to(dtype)
-    paths = torch.randint(0, n, (b,))
-    mask = _padding_mask(b, length, padding)
-
-    def ours(*t):
-        return pdfkernels.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
-
-    def ref(*t):
-        return reference.prefix_attention(*t, paths, key_padding_mask=mask, causal=causal)
-
-    _check_grads(ours, ref, [q, key, val, pk, pv], dtype)
+    check_padded_case(b, heads, kv_heads, length, d, n, k, padding, causal, dtype)
     assert launches == _expected(k)
 
 
