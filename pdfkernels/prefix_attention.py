@@ -59,7 +59,7 @@ class _Layout:
 
 def _tune_key(q, layout: _Layout, max_len: int, group: int, num_prefix: int, causal: bool, tma: bool) -> tuple:
     """What can change the fastest configuration of a launch: flags and a shape bucket."""
-    work = layout.num_seqs * (q.shape[-2] if layout.varlen else q.shape[1]) // group  # programs per row block
+    work = layout.num_seqs * (q.shape[-2] if layout.varlen else q.shape[1]) // group  # (sequence, KV head) pairs
     return (q.dtype, q.shape[-1], group, causal, layout.varlen, layout.mask is not None, tma,
             triton.next_power_of_2(max_len), triton.next_power_of_2(work), num_prefix > 0)
 
