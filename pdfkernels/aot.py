@@ -70,6 +70,23 @@ def _compile(config, arch: int):
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def _listing(compiled, *disasm_flags: str) -> tuple[str, str]:
+    """The cubin's resource usage (``cuobjdump``) and its SASS (``nvdisasm`` with ``disasm_flags``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_bin("nvdisasm"), *disasm_flags, cubin], capture_output=True, text=True,
+                              check=True).stdout
+    return usage, sass
+
+
+def _registers_and_spills(usage: str) -> tuple[int, int]:
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
+
+
 def inspect_config(config, arch: int) -> CompileReport:
     report = CompileReport(config.name, arch)
     try:
@@ -78,18 +95,9 @@ def inspect_config(config, arch: int) -> CompileReport:
         report.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         report.problems = ("compile failed",)
         return report
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        Path(cubin).write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_nvidia_bin("nvdisasm"), cubin], capture_output=True, text=True,
-                              check=True).stdout
-    regs = re.search(r"REG:(\d+)", usage)
-    stack = re.search(r"STACK:(\d+)", usage)
+    usage, sass = _listing(compiled)
     static_shared = re.search(r"SHARED:(\d+)", usage)
-    report.registers = int(regs.group(1)) if regs else -1
-    report.spill_bytes = int(stack.group(1)) if stack else -1
+    report.registers, report.spill_bytes = _registers_and_spills(usage)
     report.shared_bytes = int(compiled.metadata.shared) + (int(static_shared.group(1)) if static_shared else 0)
     report.wgmma = "HGMMA" in sass.upper() or "wgmma" in compiled.asm["ptx"]
     problems = []
@@ -200,16 +208,8 @@ def profile_config(config, arch: int = 90) -> KernelProfile:
     except Exception as exc:  # the report carries the compiler's message
         report.problems = (f"compile failed: {type(exc).__name__}",)
         return report
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        Path(cubin).write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_nvidia_bin("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True,
-                              check=True).stdout
-    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
-    report.registers = int(regs.group(1)) if regs else -1
-    report.spill_bytes = int(stack.group(1)) if stack else -1
+    usage, sass = _listing(compiled, "-g", "-c")
+    report.registers, report.spill_bytes = _registers_and_spills(usage)
     report.shared_bytes = int(compiled.metadata.shared)
     kernel_file = inspect.getsourcefile(config.kernel.fn)
     report.loops, report.hmma = profile_sass(sass, config.num_warps, {Path(kernel_file).name: kernel_file})
