@@ -11,6 +11,7 @@ tensors allow, under Triton's interpreter too (tests); refused on a GPU without 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -230,13 +231,13 @@ def _describable(t: torch.Tensor) -> bool:
 def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether a kernel gets tensor descriptors for ``tensors`` (the ones it streams), see the module doc."""
     mode = _tma_requested()
-    if mode == "0" or varlen or not _tma_arch(dtype, arch_of(device)):
+    compiled_gpu = device.type == "cuda" and not backend.interpreting()
+    arch = arch_of(device)
+    if mode == "1" and compiled_gpu and arch < 90:
+        raise RuntimeError(f"{TMA_VAR}=1 asks for tensor descriptors (TMA), which need sm_90 or newer; "
+                           f"this GPU ({device}) takes the sm_80 kernels")
+    if mode == "0" or (mode == "auto" and not compiled_gpu) or varlen or not _tma_arch(dtype, arch):
         return False
-    if mode == "auto" and (device.type != "cuda" or backend.interpreting()):
-        return False
-    if mode == "1" and device.type == "cuda" and not backend.interpreting() and arch_of(device) < 90:
-        raise RuntimeError(f"{TMA_VAR}=1 asks for tensor descriptors (TMA), which this GPU "
-                           f"(sm_{''.join(map(str, torch.cuda.get_device_capability(device)))}) does not have")
     return all(_describable(t) for t in tensors)
 
 
@@ -261,11 +262,12 @@ def _shipped(head_dim: int) -> int:
     return shipped
 
 
-def candidates(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> list[KernelConfig]:
+@functools.cache  # per launch on the hot path; the registry is complete at import
+def candidates(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> tuple[KernelConfig, ...]:
     """The registered configurations for a launch (nearest registered head_dim at or above), default first;
     ``tma``: whether the call's tensors may take the descriptor variants."""
     key = _key(dtype, _shipped(head_dim), arch)
-    return [c for c in configs_for(kernel) if c.key == key and (tma or not c.constexprs["TMA"])]
+    return tuple(c for c in configs_for(kernel) if c.key == key and (tma or not c.constexprs["TMA"]))
 
 
 def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has_mask: bool) -> dict:
@@ -276,7 +278,7 @@ def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def launch(kernel, configs: list[KernelConfig], tune_key: tuple, device: torch.device, head_dim: int,
+def launch(kernel, configs: tuple[KernelConfig, ...], tune_key: tuple, device: torch.device, head_dim: int,
            causal: bool, varlen: bool, has_mask: bool, grid: Callable[[dict], tuple],
            args: Callable[[dict], tuple]) -> dict:
     """Launch ``kernel`` with the fastest of ``configs`` for ``tune_key`` (timed on first use on GPUs, the

@@ -91,6 +91,15 @@ def _tile_pair(a_desc, b_desc, a_ptrs, b_ptrs, seq, head, row, ok, dims, HEAD_DI
 
 
 @triton.jit
+def _prefix_of(path_ptr, pk_ptr, pv_ptr, seq, kv_head, stride_pn, stride_ph):
+    """Sequence ``seq``'s path id (int32: a descriptor coordinate) and the 64-bit bases of that path's prefix
+    keys and values for ``kv_head``."""
+    path = tl.load(path_ptr + seq).to(tl.int32)
+    base = path.to(tl.int64) * stride_pn + kv_head * stride_ph
+    return path, pk_ptr + base, pv_ptr + base
+
+
+@triton.jit
 def _row_stats(lse_ptrs, delta_ptrs, ok, MASK_ROWS: tl.constexpr):
     """log2-sum-exp2 and delta of query rows; a row outside is (+inf, 0), so its probabilities are 0."""
     if MASK_ROWS:
@@ -187,11 +196,8 @@ def prefix_attention_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         # 1) the path's prefix keys, visible to every query: whole tiles, then a partial one
-        path = tl.load(path_ptr + seq).to(tl.int32)
-        p_base = path.to(tl.int64) * stride_pn + kv_head * stride_ph
+        path, pk_seq, pv_seq = _prefix_of(path_ptr, pk_ptr, pv_ptr, seq, kv_head, stride_pn, stride_ph)
         p_tile = offs_n[:, None] * stride_pk + dims[None, :]  # 32-bit offsets from 64-bit scalar bases
-        pk_seq = pk_ptr + p_base
-        pv_seq = pv_ptr + p_base
         if PRECISION == "ieee":
             # fp32 (CUDA-core dots): one masked loop. A loop of whole tiles lets the compiler hoist q's FMA
             # operand (a full row of head_dim per thread) into registers, which spills
@@ -408,11 +414,8 @@ def prefix_attention_bwd_dq_kernel(
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         # prefix keys: whole tiles, then a partial one (fp32: one masked loop, see the forward)
-        path = tl.load(path_ptr + seq).to(tl.int32)
-        p_base = path.to(tl.int64) * stride_pn + kv_head * stride_ph
-        p_tile = offs_n[:, None] * stride_pk + dims[None, :]  # 32-bit offsets from 64-bit scalar bases
-        pk_seq = pk_ptr + p_base
-        pv_seq = pv_ptr + p_base
+        path, pk_seq, pv_seq = _prefix_of(path_ptr, pk_ptr, pv_ptr, seq, kv_head, stride_pn, stride_ph)
+        p_tile = offs_n[:, None] * stride_pk + dims[None, :]
         if PRECISION == "ieee":
             for n0 in range(0, K, BLOCK_N):
                 col_ok = n0 + offs_n < K

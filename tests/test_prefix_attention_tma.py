@@ -127,6 +127,21 @@ def test_auto_mode_keeps_descriptors_to_gpus_and_off_switches_them_off(monkeypat
         configs.use_tma(cpu, torch.bfloat16, False, (t,))
 
 
+def test_forcing_descriptors_on_a_gpu_without_tma_is_refused(monkeypatch):
+    """``PDFKERNELS_TMA=1`` on an sm_80 GPU (compiled, not interpreted) raises, for every dtype, rather than
+    quietly taking the pointer kernels; ``auto`` there takes them."""
+    monkeypatch.setattr(configs, "arch_of", lambda device: 80)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call by backend.interpreting()
+    t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
+    gpu = torch.device("cuda")
+    monkeypatch.setenv(configs.TMA_VAR, "1")
+    for dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(RuntimeError, match="PDFKERNELS_TMA=1 .* need sm_90"):
+            configs.use_tma(gpu, dtype, False, (t,))
+    monkeypatch.setenv(configs.TMA_VAR, "auto")
+    assert not configs.use_tma(gpu, torch.bfloat16, False, (t,))
+
+
 def test_descriptor_boxes_follow_the_launched_tiles():
     """One box per streamed tile: rows from the kernel's tile, columns BLOCK_D; a size-1 dim gets a valid
     stride (16 bytes) whatever torch reports for it."""
