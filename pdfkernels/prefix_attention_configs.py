@@ -159,10 +159,8 @@ def _tma_arch(dtype: torch.dtype, arch: int) -> bool:
 def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
     """Which variants ship (True: tensor descriptors, False: pointer loads), the default first: the one
     whose main loops profile lower on sm_90 with this Triton line (``python -m pdfkernels.aot --profile``).
-    On a GPU the autotuner times every variant a call's tensors allow. Issue clocks per MMA unit, bf16
-    head_dim 128, TMA / pointers: forward 15.4 / 16.5 (3.9), 15.7 / 16.8 (3.6); dK/dV 18.1 / 19.1 (3.9),
-    25.3 / 21.4 (3.6: over its budget, not shipped); dQ 12.1 / 12.5 (3.9), 11.8 / 11.0 (3.6); dprefix
-    22.6 / 23.1 (3.9), 19.0 / 19.5 (3.6)."""
+    On a GPU the autotuner times every variant a call's tensors allow. The figures behind this choice are
+    in the README's ahead-of-time section; under Triton 3.6 the TMA dK/dV is over its budget and not shipped."""
     if not _tma_arch(dtype, arch):
         return (False,)
     old_triton = _TRITON_LINE < (3, 7)
@@ -186,6 +184,9 @@ def _register_configs() -> None:
             block_d = triton.next_power_of_2(head_dim)
             options = [(tma, tiles) for tma in _variants(kernel, dtype, arch)
                        for tiles in _tile_options(kernel, dtype, head_dim, arch, tma)]
+            # the dprefix launcher sizes its partial buffers from the first option's tiles
+            assert kernel is not prefix_attention_bwd_dprefix_kernel or len(
+                {(t["BLOCK_M"], t["BLOCK_N"]) for _, t in options}) == 1, "dprefix options must share tiles"
             for tma, tiles in options:
                 if kernel is prefix_attention_bwd_dkdv_kernel:
                     assert tiles["BLOCK_N"] % tiles["BLOCK_M"] == 0, "the causal diagonal must be whole query tiles"
