@@ -1,6 +1,7 @@
 """Deep prefixes for N parallel paths in Qwen2-VL and LLaVA(-Next) models, patched in place.
 
-``apply_pdf`` adds one parameter, ``model.pdf_prefix`` ``[layers, N, 2, Hkv, K, D]``, gives each text
+``apply_pdf`` adds one parameter, ``model.pdf_prefix`` ``[layers, N, 2, Hkv, K, D]`` (an fp32 master copy
+whatever the backbone's dtype; each layer reads it in its compute dtype), gives each text
 attention module the PDF forward (``attention.py``; the vision tower is untouched) and proves with a dry
 forward that the language model calls it. It takes Hugging Face's classes (transformers 4.52 to 5.x) and
 VLM2Vec's vendored ones, bare, inside peft, or inside VLM2Vec's ``MMEBModel``. ``use_paths`` picks the
@@ -18,6 +19,7 @@ from torch import nn
 
 from . import attention
 from .layout import SUPPORTED, attention_modules, check_supported, geometry, hf_model, inner_model, text_config
+from .mmeb import install_pooling, is_mmeb
 
 __all__ = ["SUPPORTED", "apply_pdf", "encode", "last_token", "mark_pdf_trainable", "pdf_parameters", "text_config",
            "use_paths"]
@@ -39,15 +41,25 @@ def init_prefix(num_layers: int, num_paths: int, kv_heads: int, prefix_len: int,
     return values.to(device=device, dtype=dtype)
 
 
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of what PDF adds to a backbone of ``dtype``: fp32 (float64 for float64 references). A bf16
+    prefix cannot train: at |p| ~ 0.17 bf16's spacing is ~1e-3, far above an AdamW step at lr 2e-5, so most
+    elements would never change."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, seed: int = 0) -> nn.Module:
     """Patch a model in place for PDF and return it.
 
     ``model``: a supported Hugging Face or VLM2Vec-vendored model, bare, peft-wrapped, or VLM2Vec's
     ``MMEBModel`` (its ``.encoder``). Adds ``pdf_prefix`` (``[num_layers, num_paths, 2, num_kv_heads,
-    prefix_len, head_dim]``, index 0 keys, 1 values, in the language model's dtype and device) to the
-    Hugging Face model, gives every text attention module the PDF forward, selects path 0, and runs a
+    prefix_len, head_dim]``, index 0 keys, 1 values, on the language model's device) to the Hugging Face
+    model, in fp32 whatever the backbone's dtype (``master_dtype``: the optimizer updates this master copy;
+    the attention casts it to its compute dtype, under autocast too), gives every text attention module the
+    PDF forward, selects path 0, and runs a
     two-token dry forward of the language model that must reach the PDF attention in every layer; if it does
-    not, the model is left unpatched and ``RuntimeError`` says why.
+    not, the model is left unpatched and ``RuntimeError`` says why. Given VLM2Vec's ``MMEBModel``, its
+    instance also gets the k-path pooling of ``models/mmeb.py`` (several paths through ``encode_input``).
     """
     hf = hf_model(model)
     stack = check_supported(hf)
@@ -60,8 +72,8 @@ def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, see
     layers, kv_heads, head_dim = geometry(hf)
     reference = stack.embed_tokens.weight
     generator = torch.Generator().manual_seed(seed)
-    hf.pdf_prefix = nn.Parameter(init_prefix(layers, num_paths, kv_heads, prefix_len, head_dim, reference.dtype,
-                                             reference.device, generator))
+    hf.pdf_prefix = nn.Parameter(init_prefix(layers, num_paths, kv_heads, prefix_len, head_dim,
+                                             master_dtype(reference.dtype), reference.device, generator))
     hf.pdf_state = attention.PDFState(hf.pdf_prefix)
     hf.pdf_num_paths, hf.pdf_prefix_len = num_paths, prefix_len
     attentions = attention_modules(stack)
@@ -72,6 +84,8 @@ def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, see
         attention.unpatch_decoder(stack, attentions)
         del hf.pdf_prefix, hf.pdf_state, hf.pdf_num_paths, hf.pdf_prefix_len
         raise
+    if is_mmeb(model):
+        install_pooling(model, hf.pdf_state)
     return model
 
 
@@ -97,7 +111,8 @@ def _normalise_paths(model: nn.Module, paths: int | Sequence[int] | None) -> tup
 @contextlib.contextmanager
 def use_paths(model: nn.Module, paths: int | Sequence[int] | None) -> Iterator[None]:
     """Run the model's next forwards on ``paths``: an int (one prefix), a list of k ints (the language model's
-    input is repeated k times along the batch, path-major, so outputs have k·B rows), or None (no prefix:
+    input is repeated k times along the batch, path-major, so outputs have k·B rows: rows ``p·B + b`` are
+    path ``paths[p]``; VLM2Vec's ``encode_input`` returns ``[k·B, d]`` so, left or right padded), or None (no prefix:
     the plain model). The vision tower and multimodal position ids see the original B inputs. Each forward
     keeps its paths for a gradient-checkpointing recompute, also one that runs after this block exits."""
     state = _state(model)

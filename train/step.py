@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from pdfkernels import models
+from pdfkernels.models.contrastive import pdf_contrastive
 
-from .losses import gather, info_nce, path_cosine, world
+from .losses import gather, path_cosine, world
 from .metrics import embedding_norms, prefix_cosine
 from .precision import autocast
 
@@ -73,12 +74,8 @@ def _encode_chunks(parts: Parts, chunks: list[dict], paths, device, dtype: str) 
 
 def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config) -> tuple[torch.Tensor, dict]:
     """InfoNCE(aggregate) + lambda_con * mean per-path InfoNCE, on global-batch embeddings ``[N, B, d]``."""
-    if q.shape[0] == 1:
-        loss = info_nce(q[0], t[0], config.temperature)
-        return loss, {"loss_agg": loss.detach(), "loss_path": loss.detach()}
-    agg = info_nce(aggregator(q), aggregator(t), config.temperature)
-    per_path = torch.stack([info_nce(q[i], t[i], config.temperature) for i in range(q.shape[0])]).mean()
-    return agg + config.lambda_con * per_path, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
+    loss, agg, per_path = pdf_contrastive(q, t, aggregator, config.temperature, config.lambda_con)
+    return loss, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
 
 
 def estimator_updates(parts: Parts, q: torch.Tensor, t: torch.Tensor, steps: int) -> torch.Tensor:

@@ -144,3 +144,50 @@ def test_a_dry_forward_that_fails_is_reported():
     model.model.layers[0].forward = lambda *args, **kwargs: (_ for _ in ()).throw(ValueError("broken layer"))
     with pytest.raises(RuntimeError, match="dry forward of the patched language model failed.*broken layer"):
         models.apply_pdf(model, num_paths=2, prefix_len=2)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-llava-next"])
+def test_every_path_through_the_unchanged_encode_input(kind, padding):
+    """``encode_input`` inside ``use_paths(model, [2, 0])``: k·B rows, path-major, each path's rows equal to its
+    single-path call, whichever side the batch is padded on (VLM2Vec pools with its B-row mask)."""
+    torch.manual_seed(0)
+    base = build_double(kind, "sdpa")
+    inputs = build_double_inputs(base, padding, batch=4)
+    model = models.apply_pdf(MMEBModel(_dora(base)), num_paths=3, prefix_len=2)
+    with torch.no_grad():
+        with models.use_paths(model, [2, 0]):
+            together = model.encode_input(inputs)
+        singles = []
+        for path in (2, 0):
+            with models.use_paths(model, path):
+                singles.append(model.encode_input(inputs))
+        last = models.encode(model, inputs, [2, 0])  # our own last-token pooling, left or right
+    assert together.shape == (2 * 4, singles[0].shape[-1])
+    torch.testing.assert_close(together, torch.cat(singles), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, last.reshape(8, -1), rtol=1e-5, atol=1e-6)
+    assert _rel(singles[0], singles[1]) > 1e-3
+
+
+def test_a_bf16_backbone_prefix_is_an_fp32_master_that_trains():
+    """VLM2Vec loads its backbone in bf16: the prefix stays an fp32 master copy, read in bf16 by the attention,
+    and a few AdamW steps at the paper's lr 2e-5 move every one of its elements (a bf16 prefix of this scale
+    barely moves: its spacing is ~1e-3)."""
+    torch.manual_seed(0)
+    base = build_double("vendored-qwen2vl", "sdpa").to(torch.bfloat16)
+    inputs = build_double_inputs(base, "right", batch=3)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)  # as VLM2Vec's processor casts them
+    model = models.apply_pdf(MMEBModel(base), num_paths=2, prefix_len=3)
+    prefix = models.pdf_parameters(model)[0]
+    assert prefix.dtype == torch.float32 and base.model.embed_tokens.weight.dtype == torch.bfloat16
+    start = prefix.detach().clone()
+    optimizer = torch.optim.AdamW([prefix], lr=2e-5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        with models.use_paths(model, [0, 1]):
+            reps = model.encode_input(inputs)
+        assert reps.dtype == torch.bfloat16
+        reps.float().square().sum().backward()
+        assert prefix.grad.dtype == torch.float32
+        optimizer.step()
+    assert bool((prefix.detach() != start).all()), "every prefix element must change"

@@ -11,7 +11,8 @@
 - ``LlavaNextForConditionalGeneration``: VLM2Vec's vendored LLaVA-NeXT layout: the language model is a
   causal LM of the installed transformers at ``model.language_model`` (no ``model.model``).
 - ``MMEBModel``: VLM2Vec's wrapper: ``.encoder``, ``encode_input`` (full model, ``output_hidden_states``,
-  last token), ``gradient_checkpointing_enable`` forwarding to the encoder plus ``enable_input_require_grads``.
+  then ``_pooling`` with the caller's B-row mask: last position when every row ends real, else mask sum - 1),
+  ``gradient_checkpointing_enable`` forwarding to the encoder plus ``enable_input_require_grads``.
 """
 
 from __future__ import annotations
@@ -259,13 +260,24 @@ class LlavaNextForConditionalGeneration(PreTrainedModel):
 
 
 class MMEBModel(nn.Module):
-    def __init__(self, encoder):
+    def __init__(self, encoder, normalize: bool = False, temperature: float = 0.02):
         super().__init__()
         self.config, self.encoder = encoder.config, encoder
+        self.normalize, self.temperature = normalize, temperature
 
     def encode_input(self, input):
         hidden = self.encoder(**input, return_dict=True, output_hidden_states=True).hidden_states[-1]
-        return hidden[:, -1, :]  # left padding: the last position
+        return self._pooling(hidden, input["attention_mask"])
+
+    def _pooling(self, last_hidden_state, attention_mask):
+        """VLM2Vec's rule: all rows real at the end -> left padding, position -1; else each row's mask sum - 1
+        (the B-row mask indexes the hidden rows, so k·B rows with a right-padded B-row mask fail)."""
+        rows = last_hidden_state.shape[0]
+        if bool(attention_mask[:, -1].sum() == attention_mask.shape[0]):
+            reps = last_hidden_state[torch.arange(rows), -1, :]
+        else:
+            reps = last_hidden_state[torch.arange(rows), attention_mask.sum(dim=1) - 1]
+        return F.normalize(reps, dim=-1) if self.normalize else reps
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)

@@ -1,0 +1,42 @@
+"""The contrastive part of the PDF objective over the global batch (Eq. 7), shared by the lean trainer and the
+VLM2Vec integration: InfoNCE with in-batch negatives across ranks through a differentiable all-gather."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``, keeping gradients (their backward sums over ranks)."""
+    if world()[1] == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=dim)
+
+
+def info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with in-batch negatives on cosine similarity: query k's positive is target k."""
+    q, t = F.normalize(queries.float(), dim=-1), F.normalize(targets.float(), dim=-1)
+    logits = q @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+def pdf_contrastive(q: torch.Tensor, t: torch.Tensor, aggregator, temperature: float,
+                    lambda_con: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, agg, per_path)``: InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i) on embeddings
+    ``[N, B, d]``; with one path (no aggregator) all three are that path's InfoNCE."""
+    if q.shape[0] == 1:
+        loss = info_nce(q[0], t[0], temperature)
+        return loss, loss, loss
+    agg = info_nce(aggregator(q), aggregator(t), temperature)
+    per_path = torch.stack([info_nce(q[i], t[i], temperature) for i in range(q.shape[0])]).mean()
+    return agg + lambda_con * per_path, agg, per_path
