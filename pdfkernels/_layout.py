@@ -1,10 +1,10 @@
-"""Where ``pdfkernels.models``, ``pdfkernels.train`` and ``pdfkernels.bench`` come from.
+"""Where ``pdfkernels.models``, ``.train``, ``.bench`` and ``.integrations`` come from.
 
-The repository keeps them as top-level folders (``models/``, ``train/``, ``bench/``), but they import only
-under the ``pdfkernels`` namespace, so that no generic top-level name (``train`` is VLM2Vec's own
+The repository keeps them as top-level folders (``models/``, ``train/``, ``bench/``, ``integrations/``), but
+they import only under the ``pdfkernels`` namespace, so that no generic top-level name (``train`` is VLM2Vec's own
 ``train.py``) collides with a user's project. A built wheel holds them inside the package (pyproject's
 ``package-dir``) and setuptools' editable install maps them; in a plain source checkout (``PYTHONPATH`` at
-the repository, ``python train/run.py``) this finder maps the three names onto the folders beside the
+the repository, ``python train/run.py``) this finder maps the four names onto the folders beside the
 package. It acts only in a checkout (a ``pyproject.toml`` beside the package), never in site-packages.
 """
 
@@ -16,7 +16,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-SUBPACKAGES = ("models", "train", "bench")
+SUBPACKAGES = ("models", "train", "bench", "integrations")
 _ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,14 +15,15 @@ def test_wheel_installs_only_the_pdfkernels_namespace(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"pdfkernels", "-".join(wheel.name.split("-")[:2]) + ".dist-info"}
-    for sub in ("models", "train", "bench"):
+    for sub in ("models", "train", "bench", "integrations"):
         assert f"pdfkernels/{sub}/__init__.py" in names
     assert "pdfkernels/train/configs/demo.yaml" in names
 
 
 def test_subpackages_import_without_generic_names():
     code = ("import sys, pdfkernels.models, pdfkernels.train.run, pdfkernels.bench.common\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'train', 'bench')))")
+            "import pdfkernels.integrations.vlm2vec\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('models', 'train', 'bench', 'integrations')))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
