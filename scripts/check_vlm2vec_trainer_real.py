@@ -1,0 +1,193 @@
+"""Check ``pdfkernels.integrations.vlm2vec`` on VLM2Vec's *real* trainer and time its step:
+``.venv-tf452/bin/python scripts/check_vlm2vec_trainer_real.py /path/to/VLM2Vec``.
+
+Loads from the checkout, unchanged: ``src/trainer.py`` (``GradCacheLateProcessTrainer``, ``MMEBTrainer``),
+``src/loss.py``, ``src/grad_cache/``, ``src/arguments.py`` (its ``TrainingArguments``), ``src/utils/basic_utils.py``,
+the GradCache split/rep functions of ``src/data/collator/train_collator.py`` (only those function definitions:
+the file's own imports need qwen_vl_utils and processors), and ``MMEBModel`` with the vendored Qwen2-VL the
+way ``check_vlm2vec_real.py`` does. A tiny random Qwen2-VL saved locally, ``MMEBModel.build`` (bf16, DoRA),
+text-only batches of 4 in GradCache chunks of 2, one process. Checks: the PDF trainer's step runs on the real
+classes and moves every prefix element in bf16 at lr 2e-5; ``_save`` writes ``pdf.safetensors`` beside the
+real adapters; the real ``_load_from_checkpoint`` (``MMEBModel.load``) is followed by our re-apply and load
+(bit-exact prefix). Then the step time, side by side, interleaved: VLM2Vec's own GradCache step
+(``trainer.gc``, as its DDP branch calls it), the same with the drop-in (``apply_pdf`` + ``use_paths(model, 0)``),
+and the full PDF ``training_step``. Nothing of VLM2Vec is copied into this repository.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import check_vlm2vec_real as real  # noqa: E402
+
+from pdfkernels import models  # noqa: E402
+from pdfkernels.integrations import vlm2vec as pdf  # noqa: E402
+from pdfkernels.models.layout import hf_model  # noqa: E402
+
+
+def _module(name: str, path: Path, source: str | None = None):
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module
+    exec(compile(source if source is not None else path.read_text(), str(path), "exec"), module.__dict__)
+    return module
+
+
+def _load_trainer(checkout: Path, loaded: dict):
+    for name in ("src.grad_cache", "src.data", "src.data.collator"):
+        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
+    _module("src.utils.basic_utils", checkout / "src/utils/basic_utils.py")
+    _module("src.arguments", checkout / "src/arguments.py")
+    _module("src.loss", checkout / "src/loss.py")
+    _module("src.grad_cache.context_managers", checkout / "src/grad_cache/context_managers.py")
+    _module("src.grad_cache.grad_cache", checkout / "src/grad_cache/grad_cache.py")
+    collator = (checkout / "src/data/collator/train_collator.py").read_text()
+    functions = collator[collator.index("def split_and_process_vlm_inputs"):collator.index("@dataclass")]
+    _module("src.data.collator.train_collator", checkout / "src/data/collator/train_collator.py",
+            "from itertools import repeat\nimport torch\nPHI_IMAGE_TOKEN_MAX_INPUT_ID = int(1e9)\n" + functions)
+    model_module = types.ModuleType("src.model.model")
+    model_module.MMEBModel = loaded["MMEBModel"]
+    sys.modules["src.model.model"] = model_module
+    return _module("src.trainer", checkout / "src/trainer.py")
+
+
+def _batch(rows: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 12, (rows,), generator=generator).tolist()
+    length = max(lengths)
+    ids, mask = torch.zeros(rows, length, dtype=torch.long), torch.zeros(rows, length, dtype=torch.long)
+    for b, n in enumerate(lengths):  # left padded, as VLM2Vec's Qwen2-VL processor
+        ids[b, length - n:] = torch.randint(10, 100, (n,), generator=generator)
+        mask[b, length - n:] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _model(loaded, folder):
+    args = SimpleNamespace(model_name=folder, lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                           lora_target_modules="q_proj,k_proj,v_proj,o_proj,down_proj", pooling="last",
+                           normalize=False, temperature=0.02, model_backbone="qwen2_vl", checkpoint_path=None,
+                           model_type=None)
+    model = loaded["MMEBModel"].build(args)  # bf16, as VLM2Vec loads it
+    _sdpa_vision(model, loaded)
+    return model, args
+
+
+def _sdpa_vision(model, loaded):
+    for block in getattr(getattr(hf_model(model), "visual", None), "blocks", []):  # no flash-attn on a CPU
+        block.attn.__class__ = loaded["qwen2_vl"].VisionSdpaAttention
+
+
+def main() -> int:
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "src/trainer.py").is_file():
+        print(__doc__.splitlines()[0], file=sys.stderr)
+        return 2
+    checkout = Path(sys.argv[1])
+    PreTrainedModel._check_and_enable_flash_attn_2 = classmethod(lambda cls, config, *args, **kwargs: config)
+    loaded = real._load_vlm2vec(checkout)
+    trainer_module = _load_trainer(checkout, loaded)
+    folder = real._save_tiny("qwen2_vl", loaded)
+    out = tempfile.mkdtemp()
+    targs = sys.modules["src.arguments"].TrainingArguments(
+        output_dir=out, per_device_train_batch_size=4, gc_q_chunk_size=2, gc_p_chunk_size=2, report_to=[],
+        use_cpu=True, learning_rate=2e-5, max_steps=3, save_strategy="no", disable_tqdm=True, logging_steps=1)
+    base = trainer_module.GradCacheLateProcessTrainer
+    rows, failed = [], 0
+    q, t = _batch(4, 1), _batch(4, 2)
+
+    def make(kind):
+        model, margs = _model(loaded, folder)
+        if kind == "unpatched":  # flash-attn cannot run on a CPU: VLM2Vec's SDPA class on the same weights
+            from pdfkernels.models.layout import attention_modules, decoder_stack
+
+            for attn in attention_modules(decoder_stack(hf_model(model))):
+                attn.__class__ = loaded["qwen2_vl"].Qwen2VLSdpaAttention
+            hf_model(model).config._attn_implementation = "sdpa"
+            decoder_stack(hf_model(model)).config._attn_implementation = "sdpa"
+        if kind == "drop-in":
+            models.apply_pdf(model, num_paths=2, prefix_len=20)
+        cls = pdf.pdf_trainer(base, num_paths=2, prefix_len=20) if kind == "pdf" else base
+        trainer = cls(model=model, args=targs, model_args=margs, max_length=512)
+        trainer.create_optimizer()
+        return trainer
+
+    trainers = {kind: make(kind) for kind in ("unpatched", "drop-in", "pdf")}
+
+    def step(kind):
+        trainer = trainers[kind]
+        trainer.model.train()
+        if kind == "pdf":
+            trainer.training_step(trainer.model, (q, t))
+        elif kind == "drop-in":
+            with models.use_paths(trainer.model, 0):
+                trainer.gc({"qry": q}, {"tgt": t}, no_sync_except_last=False)
+        else:
+            trainer.gc({"qry": q}, {"tgt": t}, no_sync_except_last=False)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    # checks on the real classes
+    trainer = trainers["pdf"]
+    prefix = models.pdf_parameters(trainer.model)[0]
+    start = prefix.detach().clone()
+    for _ in range(3):
+        step("pdf")
+    rows.append(("prefix dtype under the bf16 backbone", str(prefix.dtype), prefix.dtype == torch.float32))
+    moved = (prefix.detach() != start).float().mean().item()
+    rows.append(("prefix elements changed after 3 AdamW steps at lr 2e-5", f"{moved:.1%}", moved == 1.0))
+    rows.append(("PDF terms of the last step", str({k: round(v, 3) for k, v in trainer.pdf_metrics.items()}),
+                 all(v == v for v in trainer.pdf_metrics.values())))
+    checkpoint = Path(out) / "checkpoint-3"
+    trainer._save(str(checkpoint))
+    files = sorted(p.name for p in checkpoint.iterdir())
+    rows.append(("checkpoint files", ", ".join(files), pdf.PDF_FILE in files and "adapter_model.safetensors" in files))
+    saved, before = prefix.detach().clone(), trainer.model
+    trainer._load_from_checkpoint(str(checkpoint))  # VLM2Vec's: MMEBModel.load, then ours
+    _sdpa_vision(trainer.model, loaded)
+    rebuilt = models.pdf_parameters(trainer.model)[0]
+    rows.append(("resume: model rebuilt by MMEBModel.load, re-patched, prefix bit-exact",
+                 f"new model: {trainer.model is not before}",
+                 trainer.model is not before and torch.equal(rebuilt, saved)))
+    trainer.optimizer = None  # the Trainer builds its optimizer after loading a checkpoint
+    trainer.create_optimizer()
+    step("pdf")
+    loss = trainer.pdf_metrics["loss"]
+    rows.append(("a step after the resume", f"loss {loss:.3f}", loss == loss))
+
+    # step times, interleaved
+    times = {kind: [] for kind in trainers}
+    for kind in trainers:
+        step(kind)  # warm-up
+    for _ in range(5):
+        for kind in trainers:
+            begin = time.perf_counter()
+            step(kind)
+            times[kind].append(time.perf_counter() - begin)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
+    print("| check | value | ok |\n|---|---|---|")
+    for name, value, ok in rows:
+        print(f"| {name} | {value} | {'ok' if ok else 'FAIL'} |")
+        failed += not ok
+    print("\n| step (batch 4 + 4, GradCache chunks 2, tiny bf16 Qwen2-VL, K=20) | median ms | min ms |\n|---|---|---|")
+    labels = {"unpatched": "VLM2Vec's GradCache step, unpatched", "drop-in": "the same, drop-in path 0",
+              "pdf": "full PDF training_step (N=2)"}
+    for kind, values in times.items():
+        print(f"| {labels[kind]} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} |")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
