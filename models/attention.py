@@ -9,7 +9,13 @@ attention registries, which older releases and vendored per-class dispatch never
 stack's rotary embedding tags the position embeddings of each forward with the active paths (a fresh view of
 ``cos`` per forward); every layer receives that same object, and gradient checkpointing (reentrant or not)
 replays the layer with it, so a recompute in a backward that runs after ``use_paths`` has exited still uses
-the paths of its own forward.
+the paths of its own forward. Where each attention module computes its own rotary embedding from
+``position_ids`` (Phi-3-V), a forward pre-hook on the stack hands it fresh position ids whose storage is tagged
+instead (the storage, not the tensor: reentrant checkpointing replays a layer on detached copies of its tensor
+arguments, which share the storage).
+
+What differs between families is only how q, k and v are computed (``_project``, chosen by the stack's
+``layout.TextLayout``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 
 from pdfkernels.prefix_attention import prefix_attention_known_paths
 
+from .layout import TextLayout, text_layout
 from .masks import key_padding_mask
 
 PATHS_ATTR = "_pdf_paths"  # on the cos tensor of a forward's position embeddings: a tuple of path ids
@@ -45,6 +52,7 @@ class Binding:
     signature: inspect.Signature  # the original forward's, to read arguments passed by position or keyword
     outputs: int  # values the decoder layer unpacks: 3 for older per-class attention (with a cache), else 2
     mrope_section: list[int] | None  # Qwen2-VL before 4.53 hands the attention unmerged [3, B, L, D] rotary
+    layout: TextLayout = field(default_factory=TextLayout)
     calls: int = field(default=0)
 
 
@@ -90,11 +98,15 @@ def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
     return bound
 
 
-def pdf_forward(self: nn.Module, *args, **kwargs):
-    """The attention module's forward with the active path's prefix keys/values in front of its own."""
-    binding: Binding = self._pdf
-    call = _arguments(binding.signature, args, kwargs)
-    hidden = call[next(iter(binding.signature.parameters))]  # the first parameter in every version
+def _paths_of(call: dict, layout: TextLayout) -> tuple[int, ...]:
+    """The paths of the forward this call belongs to, from the tag on what the stack handed every layer."""
+    if layout.own_rotary:
+        positions = call.get("position_ids")
+        paths = None if positions is None else getattr(positions.untyped_storage(), PATHS_ATTR, None)
+        if paths is None:
+            raise RuntimeError("pdf attention: these position ids were not handed over by the patched model's "
+                               "decoder stack (call the model or its language model, not a layer on its own)")
+        return paths
     position_embeddings = call.get("position_embeddings")
     if position_embeddings is None:
         raise RuntimeError("pdf attention: the decoder layer passed no position_embeddings")
@@ -102,6 +114,36 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
     if paths is None:
         raise RuntimeError("pdf attention: these position embeddings were not made by the patched model's rotary "
                            "embedding (call the model or its language model, not a layer on its own)")
+    return paths
+
+
+def _project(self: nn.Module, binding: Binding, hidden: torch.Tensor, call: dict):
+    """Rotated queries and keys, and values, ``[B, heads, L, D]``, computed as this family's attention does."""
+    batch, length, _ = hidden.shape
+    head_dim, layout = self.head_dim, binding.layout
+    if layout.fused_qkv:  # Phi-3-V: [q | k | v] from one projection
+        q_width, kv_width = self.num_heads * head_dim, self.num_key_value_heads * head_dim
+        query, key, value = self.qkv_proj(hidden).split([q_width, kv_width, kv_width], dim=-1)
+    else:
+        query, key, value = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
+    query, key, value = (t.view(batch, length, -1, head_dim) for t in (query, key, value))
+    if layout.qk_norm:  # Qwen3-VL: RMSNorm over each head's channels, before the rotary
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    if layout.own_rotary:  # the module's own rotary embedding, from the position ids, as its forward calls it
+        cos, sin = self.rotary_emb(value, call["position_ids"], seq_len=length)
+    else:
+        cos, sin = call["position_embeddings"]
+    cos, sin = _rotary(cos, sin, binding.mrope_section)
+    return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
+
+
+def pdf_forward(self: nn.Module, *args, **kwargs):
+    """The attention module's forward with the active path's prefix keys/values in front of its own."""
+    binding: Binding = self._pdf
+    call = _arguments(binding.signature, args, kwargs)
+    hidden = call[next(iter(binding.signature.parameters))]  # the first parameter in every version
+    paths = _paths_of(call, binding.layout)
     if getattr(self, "attention_dropout", 0.0) and self.training:
         raise NotImplementedError("pdf attention: attention dropout is not supported (the model has "
                                   f"attention_dropout={self.attention_dropout}); set it to 0")
@@ -113,14 +155,10 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
         raise NotImplementedError(f"pdf attention: sequence of {length} tokens exceeds the sliding window "
                                   f"({window}), which the prefix kernels do not implement")
     head_dim = self.head_dim
-    query = self.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-    key = self.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-    value = self.v_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = _rotary(*position_embeddings, binding.mrope_section)
-    query, key = query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin
+    query, key, value = _project(self, binding, hidden, call)
     # under autocast the projections are half precision while cos/sin may be float32: one dtype for the kernel
     query, key = query.to(value.dtype), key.to(value.dtype)
-    cache = call.get("past_key_values", call.get("past_key_value"))
+    cache = next((call[n] for n in ("cache", "past_key_values", "past_key_value") if call.get(n) is not None), None)
     if cache is not None:  # allowed only as an empty cache filled once (a full forward with use_cache=True)
         if cache.get_seq_length(self.layer_idx) > 0:
             raise NotImplementedError("pdf attention: a key/value cache (incremental decoding) is not supported; "
@@ -152,6 +190,10 @@ def _tag_paths(rotary: nn.Module, args, output):
 
 def _repeat_batch(name: str, value, k: int, batch: int):
     """Repeat a language-model input k times along its batch dimension, path-major."""
+    if name == "deepstack_visual_embeds" and value is not None:  # Qwen3-VL: per layer, the visual tokens' rows
+        return [v.repeat(k, 1) for v in value]  # in row-major order of the (repeated) visual_pos_masks
+    if isinstance(value, list) and len(value) == batch:  # one entry per row (Phi-3-V's pixel_values, image_sizes)
+        return value * k
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return value
     if name == "position_ids" and value.dim() == 3:  # Qwen2-VL multimodal rope ids [3 or 4, B, L]
@@ -175,6 +217,24 @@ def _repeat_for_paths(stack: nn.Module, args, kwargs):
     return args, {key: _repeat_batch(key, value, k, reference.shape[0]) for key, value in kwargs.items()}
 
 
+def _tag_position_ids(stack: nn.Module, args, kwargs):
+    """Forward pre-hook on a stack whose attention modules compute their own rotary (Phi-3-V): fresh position
+    ids (the stack's default, ``arange(L)``, when none are given) whose storage is tagged with the active paths."""
+    if args:
+        raise RuntimeError("pdf attention: this language model must be called with keyword arguments")
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        reference = kwargs.get("input_ids")
+        reference = reference if reference is not None else kwargs.get("inputs_embeds")
+        if reference is None:
+            raise RuntimeError("pdf attention: the language model got neither input_ids nor inputs_embeds")
+        positions = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
+    else:
+        positions = positions.clone()  # a storage of its own: the caller may reuse its tensor with other paths
+    setattr(positions.untyped_storage(), PATHS_ATTR, stack._pdf_state.paths)
+    return args, {**kwargs, "position_ids": positions}
+
+
 def _mrope_section(attn: nn.Module, config) -> list[int] | None:
     for rope in (getattr(attn, "rope_scaling", None), getattr(config, "rope_scaling", None),
                  getattr(config, "rope_parameters", None)):
@@ -185,14 +245,19 @@ def _mrope_section(attn: nn.Module, config) -> list[int] | None:
 
 def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState) -> list[Binding]:
     """Give each attention module the PDF forward and hook the stack; returns the bindings (their call counts)."""
-    stack._pdf_state = stack.rotary_emb._pdf_state = state
-    stack._pdf_hooks = (stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True),
-                        stack.rotary_emb.register_forward_hook(_tag_paths))
+    layout = text_layout(stack)
+    stack._pdf_state = state
+    repeat = stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True)
+    if layout.own_rotary:  # registered after the repetition: it tags the repeated inputs' positions
+        stack._pdf_hooks = (repeat, stack.register_forward_pre_hook(_tag_position_ids, with_kwargs=True))
+    else:
+        stack.rotary_emb._pdf_state = state
+        stack._pdf_hooks = (repeat, stack.rotary_emb.register_forward_hook(_tag_paths))
     bindings = []
     for index, attn in enumerate(attentions):
         signature = inspect.signature(attn.forward)
         outputs = 3 if "output_attentions" in signature.parameters else 2  # a guess: prove_live settles it
-        attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config))
+        attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config), layout)
         attn.forward = types.MethodType(pdf_forward, attn)
         bindings.append(attn._pdf)
     return bindings
@@ -202,7 +267,9 @@ def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
     """Undo ``patch_decoder`` (after a failed proof): the modules' own forwards and no hooks again."""
     for handle in stack._pdf_hooks:
         handle.remove()
-    del stack._pdf_hooks, stack._pdf_state, stack.rotary_emb._pdf_state
+    del stack._pdf_hooks, stack._pdf_state
+    if hasattr(getattr(stack, "rotary_emb", None), "_pdf_state"):
+        del stack.rotary_emb._pdf_state
     for attn in attentions:
         if hasattr(attn, "_pdf"):
             del attn.forward, attn._pdf
@@ -210,10 +277,13 @@ def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
 
 def _dry_forward(stack: nn.Module) -> None:
     embed = stack.embed_tokens.weight
+    # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
+    mask = embed.new_ones(1, 2, dtype=torch.long)
     with torch.no_grad():
-        # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
-        stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]),
-              attention_mask=embed.new_ones(1, 2, dtype=torch.long), use_cache=False)
+        if text_layout(stack).embeds_images:  # Phi-3-V's stack embeds input_ids itself; one text-only row
+            stack(input_ids=mask.clone(), attention_mask=mask, image_sizes=[None], use_cache=False)
+        else:
+            stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]), attention_mask=mask, use_cache=False)
 
 
 def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import transformers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaNextConfig,
     MistralConfig,
+    Qwen2_5_VLConfig,
     Qwen2VLConfig,
 )
 
 IMAGE_TOKEN_ID = 5  # tiny models: the image placeholder token id
 
 
-def _qwen2vl(text: dict, vision: dict, mrope_section: list[int], rope_theta: float, **extra) -> Qwen2VLConfig:
-    """A Qwen2-VL config that builds the same model on transformers 4.52 (which reads the text fields flat, as
-    real checkpoints store them) and 5.x (nested ``text_config``; ``rope_scaling`` becomes ``rope_parameters``)."""
+def _qwen2vl(text: dict, vision: dict, mrope_section: list[int], rope_theta: float, *,
+             config_class: type = Qwen2VLConfig, **extra) -> Qwen2VLConfig:
+    """A Qwen2-VL (or Qwen2.5-VL: ``config_class``) config that builds the same model on transformers 4.52 (which
+    reads the text fields flat, as real checkpoints store them) and 5.x (nested ``text_config``; ``rope_scaling``
+    becomes ``rope_parameters``)."""
     text = dict(text, rope_theta=rope_theta, rope_scaling={"type": "mrope", "mrope_section": mrope_section})
-    return Qwen2VLConfig(**text, text_config=dict(text), vision_config=vision, **extra)
+    return config_class(**text, text_config=dict(text), vision_config=vision, **extra)
 
 
 _TINY_SPECIAL_IDS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=IMAGE_TOKEN_ID + 1,
@@ -33,6 +37,44 @@ def tiny_qwen2vl(vocab_size: int = 128) -> Qwen2VLConfig:
         dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
              spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         mrope_section=[2, 3, 3], rope_theta=1e4, **_TINY_SPECIAL_IDS)
+
+
+def tiny_qwen2_5vl(vocab_size: int = 128) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL architecture, 2 text layers of width 64, a 2-block vision tower (one windowed, one full)."""
+    return _qwen2vl(
+        dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+             spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1], in_channels=3),
+        mrope_section=[2, 3, 3], rope_theta=1e4, config_class=Qwen2_5_VLConfig, **_TINY_SPECIAL_IDS)
+
+
+def has_qwen3vl() -> bool:
+    """Whether the installed transformers has Qwen3-VL (4.57 and later)."""
+    return hasattr(transformers, "Qwen3VLConfig")
+
+
+def _qwen3vl(text: dict, vision: dict, mrope_section: list[int], rope_theta: float, **extra):
+    if not has_qwen3vl():
+        raise ImportError(f"Qwen3-VL needs transformers >= 4.57; this is {transformers.__version__}")
+    rope = {"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True}
+    # 4.57 reads rope_theta / rope_scaling, 5.x rope_parameters (with the theta inside)
+    text = dict(text, rope_theta=rope_theta, rope_scaling=rope, rope_parameters=dict(rope, rope_theta=rope_theta))
+    return transformers.Qwen3VLConfig(text_config=text, vision_config=vision,
+                                      tie_word_embeddings=text["tie_word_embeddings"], **extra)
+
+
+def tiny_qwen3vl(vocab_size: int = 128):
+    """Qwen3-VL architecture (q/k norms, interleaved M-RoPE, DeepStack), 2 text layers of width 64 with head_dim 32
+    (not hidden / heads, as in the real models), a 2-block vision tower feeding DeepStack features to layer 0."""
+    return _qwen3vl(
+        dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+             tie_word_embeddings=True),
+        dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
+             in_channels=3),
+        mrope_section=[6, 5, 5], rope_theta=1e4, **_TINY_SPECIAL_IDS)
 
 
 def _tiny_text(kind: str, vocab_size: int):
@@ -79,6 +121,45 @@ def qwen2vl_7b() -> Qwen2VLConfig:
         dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
              spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         mrope_section=[16, 24, 24], rope_theta=1e6)
+
+
+# Qwen2.5-VL-3B / -7B and Qwen3-VL-2B: the numbers of the published Qwen/*-Instruct config.json files (see the
+# README's Models section for where they were read); the vision tower is shared by the two Qwen2.5-VL sizes.
+_QWEN2_5_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, hidden_act="silu", tokens_per_second=2)
+
+
+def qwen2_5vl_3b() -> Qwen2_5_VLConfig:
+    """The Qwen2.5-VL-3B architecture, for speed work with random weights."""
+    return _qwen2vl(
+        dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+             num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+             tie_word_embeddings=True, rms_norm_eps=1e-6),
+        dict(_QWEN2_5_VISION, out_hidden_size=2048),
+        mrope_section=[16, 24, 24], rope_theta=1e6, config_class=Qwen2_5_VLConfig)
+
+
+def qwen2_5vl_7b() -> Qwen2_5_VLConfig:
+    """The Qwen2.5-VL-7B architecture, for speed work with random weights."""
+    return _qwen2vl(
+        dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+             num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+             tie_word_embeddings=False, rms_norm_eps=1e-6),
+        dict(_QWEN2_5_VISION, out_hidden_size=3584),
+        mrope_section=[16, 24, 24], rope_theta=1e6, config_class=Qwen2_5_VLConfig)
+
+
+def qwen3vl_2b():
+    """The Qwen3-VL-2B architecture (the smallest Qwen3-VL), for speed work with random weights."""
+    return _qwen3vl(
+        dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+             num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+             tie_word_embeddings=True, rms_norm_eps=1e-6),
+        dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048, patch_size=16,
+             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+             deepstack_visual_indexes=[5, 11, 17], in_channels=3, hidden_act="gelu_pytorch_tanh"),
+        mrope_section=[24, 20, 20], rope_theta=5e6)
 
 
 def llava_next_7b() -> LlavaNextConfig:

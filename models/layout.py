@@ -1,20 +1,50 @@
 """Where the parts of a supported model are, whatever wraps it and however its code is laid out.
 
 Handles Hugging Face's classes (transformers 4.52 to 5.x: text stack at ``model.model.language_model`` or
-``model.language_model``) and VLM2Vec's vendored copies (Qwen2-VL: flat config, text stack at
-``model.model``; LLaVA-NeXT: a causal LM at ``model.language_model`` whose stack is ``.model``), inside a
+``model.language_model``) and VLM2Vec's vendored copies (Qwen2-VL / Qwen2.5-VL: flat config, text stack at
+``model.model``; LLaVA-NeXT: a causal LM at ``model.language_model`` whose stack is ``.model``; Phi-3-V: the
+stack ``model.model`` embeds the images itself and each attention module owns its rotary embedding), inside a
 peft wrapper or VLM2Vec's ``MMEBModel`` (``.encoder``). The text decoder stack is found by what it is, not
-by where it sits: the one submodule with ``embed_tokens``, ``layers`` and ``rotary_emb``.
+by where it sits: the one submodule with ``embed_tokens`` and ``layers`` and a rotary embedding (its own, or
+its attention modules').
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
-SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "LlavaNextForConditionalGeneration",
-             "LlavaForConditionalGeneration")
-TEXT_STACKS = ("Qwen2VLModel", "Qwen2VLTextModel", "MistralModel", "LlamaModel")  # supported decoder stacks
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
+             "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel",
+             "LlavaNextForConditionalGeneration", "LlavaForConditionalGeneration", "Phi3VForCausalLM")
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """How one family's text attention computes its queries, keys and values (the rest of the PDF forward is
+    shared): ``fused_qkv``: one ``qkv_proj`` split into q, k, v (Phi-3-V) instead of q/k/v_proj; ``qk_norm``:
+    per-head ``q_norm`` / ``k_norm`` before the rotary (Qwen3-VL); ``own_rotary``: each attention module computes
+    cos/sin from ``position_ids`` with its own ``rotary_emb`` (Phi-3-V) instead of receiving the stack's
+    ``position_embeddings``; ``embeds_images``: the stack's forward embeds ``input_ids`` (and images) itself and
+    ignores ``inputs_embeds`` (Phi-3-V)."""
+
+    fused_qkv: bool = False
+    qk_norm: bool = False
+    own_rotary: bool = False
+    embeds_images: bool = False
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        extra = ("q_norm", "k_norm") if self.qk_norm else ()
+        return (("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")) + ("o_proj", *extra)
+
+
+_PLAIN = TextLayout()
+# the supported decoder stacks by class name (Hugging Face's and VLM2Vec's vendored ones)
+TEXT_STACKS = {"Qwen2VLModel": _PLAIN, "Qwen2VLTextModel": _PLAIN, "Qwen2_5_VLModel": _PLAIN,
+               "Qwen2_5_VLTextModel": _PLAIN, "Qwen3VLTextModel": TextLayout(qk_norm=True), "MistralModel": _PLAIN,
+               "LlamaModel": _PLAIN, "Phi3VModel": TextLayout(fused_qkv=True, own_rotary=True, embeds_images=True)}
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -32,12 +62,21 @@ def hf_model(model: nn.Module) -> nn.Module:
 def decoder_stack(hf: nn.Module) -> nn.Module:
     """The text decoder stack (the module that owns the decoder layers and the rotary embedding)."""
     found = [m for _, m in hf.named_modules()
-             if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "rotary_emb")
-             and hasattr(m, "embed_tokens")]
+             if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "embed_tokens")
+             and (hasattr(m, "rotary_emb") or _attention_owns_rotary(m))]
     if len(found) != 1:
         raise TypeError(f"apply_pdf: expected one text decoder stack (a module with embed_tokens, layers and "
                         f"rotary_emb) in {type(hf).__name__}, found {len(found)}")
     return found[0]
+
+
+def _attention_owns_rotary(stack: nn.Module) -> bool:
+    return len(stack.layers) > 0 and hasattr(getattr(stack.layers[0], "self_attn", None), "rotary_emb")
+
+
+def text_layout(stack: nn.Module) -> TextLayout:
+    """How the attention of this (supported) decoder stack projects and rotates its queries and keys."""
+    return TEXT_STACKS[type(stack).__name__]
 
 
 def check_supported(hf: nn.Module) -> nn.Module:
@@ -50,9 +89,10 @@ def check_supported(hf: nn.Module) -> nn.Module:
     if type(stack).__name__ not in TEXT_STACKS:
         raise TypeError(f"apply_pdf: {name} with a {type(stack).__name__} language model is not supported; "
                         f"supported text stacks: {', '.join(TEXT_STACKS)}")
+    needed = text_layout(stack).projections + (("rotary_emb",) if text_layout(stack).own_rotary else ())
     for index, layer in enumerate(stack.layers):
         attn = getattr(layer, "self_attn", None)
-        missing = [p for p in (*_PROJECTIONS, "head_dim") if not hasattr(attn, p)]
+        missing = [p for p in (*needed, "head_dim") if not hasattr(attn, p)]
         if missing:
             raise TypeError(f"apply_pdf: decoder layer {index} of {name} has no self_attn with {', '.join(missing)}")
     return stack
@@ -75,17 +115,21 @@ def geometry(model: nn.Module) -> tuple[int, int, int]:
 
 
 def inner_model(model: nn.Module) -> nn.Module | None:
-    """The multimodal model without the LM head (``Qwen2VLModel``, ``LlavaModel``, ``LlavaNextModel``), or None
-    where the code has none (VLM2Vec's vendored models: their ``.model`` / ``.language_model`` is text only)."""
+    """The multimodal model without the LM head (``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``,
+    ``LlavaModel``, ``LlavaNextModel``, Phi-3-V's ``Phi3VModel``), or None where the code has none (VLM2Vec's
+    vendored Qwen2-VL / Qwen2.5-VL / LLaVA-NeXT: their ``.model`` / ``.language_model`` is text only)."""
     hf = hf_model(model)
-    if type(hf).__name__ == "Qwen2VLModel" and hasattr(hf, "language_model"):
-        return hf
+    if hasattr(hf, "language_model") and hasattr(hf, "visual") and not hasattr(hf, "lm_head"):
+        return hf  # already the inner model (Qwen*VLModel; 4.52's ForConditionalGeneration has both as properties)
     inner = getattr(hf, "model", None)
-    if isinstance(inner, nn.Module) and (hasattr(inner, "visual") or hasattr(inner, "vision_tower")):
+    if isinstance(inner, nn.Module) and any(hasattr(inner, n) for n in _VISION_NAMES):
         return inner
     return None
 
 
+_VISION_NAMES = ("visual", "vision_tower", "vision_embed_tokens")  # Qwen, LLaVA, Phi-3-V
+
+
 def vision_tower(model: nn.Module) -> nn.Module:
     owner = inner_model(model) or hf_model(model)
-    return owner.visual if hasattr(owner, "visual") else owner.vision_tower
+    return getattr(owner, next(n for n in _VISION_NAMES if hasattr(owner, n)))

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
+import transformers
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
-from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next, tiny_qwen2vl
+from pdfkernels.models.configs import (
+    IMAGE_TOKEN_ID,
+    has_qwen3vl,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_qwen2_5vl,
+    tiny_qwen2vl,
+    tiny_qwen3vl,
+)
 from pdfkernels.models.layout import hf_model
 
-KINDS = ["qwen2vl", "llava-next-mistral", "llava-next-llama", "llava"]
+# Qwen3-VL where the installed transformers has it (4.57+); on 4.52.3 its cases skip, saying why
+_QWEN3VL = pytest.param("qwen3vl", marks=pytest.mark.skipif(
+    not has_qwen3vl(), reason=f"transformers {transformers.__version__} has no Qwen3-VL (4.57+)"))
+KINDS = ["qwen2vl", "qwen2.5vl", _QWEN3VL, "llava-next-mistral", "llava-next-llama", "llava"]
+QWEN_KINDS = ("qwen2vl", "qwen2.5vl", "qwen3vl")  # the Qwen-VL input layout (pixel patches, grids)
 PAD = 0
 
 
 def build_model(kind: str) -> torch.nn.Module:
     if kind == "qwen2vl":
         model = Qwen2VLForConditionalGeneration(tiny_qwen2vl())
+    elif kind == "qwen2.5vl":
+        model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5vl())
+    elif kind == "qwen3vl":
+        model = transformers.Qwen3VLForConditionalGeneration(tiny_qwen3vl())
     elif kind.startswith("llava-next"):
         model = LlavaNextForConditionalGeneration(tiny_llava_next(kind.rsplit("-", 1)[1]))
     elif kind == "llava":
@@ -31,14 +50,14 @@ def build_model(kind: str) -> torch.nn.Module:
 
 
 def _image_block(kind: str, model) -> list[int]:
-    if kind == "qwen2vl":
+    if kind in QWEN_KINDS:
         cfg = model.config
         return [cfg.vision_start_token_id] + [IMAGE_TOKEN_ID] * 4 + [cfg.vision_end_token_id]
     return [IMAGE_TOKEN_ID] * (52 if kind.startswith("llava-next") else 16)
 
 
 def mm_token_types(model, ids: torch.Tensor) -> dict:
-    """Qwen2-VL's ``mm_token_type_ids`` (0 text, 1 image) where the installed transformers takes them (5.x)."""
+    """Qwen-VL's ``mm_token_type_ids`` (0 text, 1 image) where the installed transformers takes them (5.x)."""
     if "mm_token_type_ids" not in inspect.signature(type(hf_model(model).model).forward).parameters:
         return {}
     return {"mm_token_type_ids": (ids == IMAGE_TOKEN_ID).long()}
@@ -62,7 +81,7 @@ def build_inputs(kind: str, model, padding: str = "left", batch: int = 3) -> dic
         ids[b, span] = torch.tensor(row)
         mask[b, span] = 1
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if kind == "qwen2vl":
+    if kind in QWEN_KINDS:
         inputs["pixel_values"] = torch.randn(images * 16, 3 * 2 * 4 * 4)
         inputs["image_grid_thw"] = torch.tensor([[1, 4, 4]] * images)
         inputs.update(mm_token_types(model, ids))

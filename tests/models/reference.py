@@ -17,6 +17,20 @@ from torch import nn
 from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
 
 
+def _qkv(attn: nn.Module, hidden):
+    """Queries, keys and values ``[B, heads, L, D]`` before the rotary, as the module's own forward makes them."""
+    b, length, _ = hidden.shape
+    if hasattr(attn, "qkv_proj"):  # Phi-3-V: one fused projection, [q | k | v] along its output
+        sizes = [attn.num_heads * attn.head_dim] + [attn.num_key_value_heads * attn.head_dim] * 2
+        parts = attn.qkv_proj(hidden).split(sizes, dim=-1)
+    else:
+        parts = (attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden))
+    q, k, v = (p.view(b, length, -1, attn.head_dim) for p in parts)
+    if hasattr(attn, "q_norm"):  # Qwen3-VL: per-head RMSNorm before the rotary
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return (t.transpose(1, 2) for t in (q, k, v))
+
+
 def _rotary(attn: nn.Module, q, k, cos, sin):
     source = sys.modules[type(attn).__module__]
     if cos.dim() == 4:  # Qwen2-VL's older multimodal rotary [3, B, L, D]
@@ -28,8 +42,9 @@ def _rotary(attn: nn.Module, q, k, cos, sin):
 def _forward(self, hidden_states, position_embeddings=None, **kwargs):
     spec = self._reference
     b, length, _ = hidden_states.shape
-    q, k, v = (proj(hidden_states).view(b, length, -1, self.head_dim).transpose(1, 2)
-               for proj in (self.q_proj, self.k_proj, self.v_proj))
+    q, k, v = _qkv(self, hidden_states)
+    if position_embeddings is None:  # Phi-3-V: the module's own rotary embedding, from the position ids
+        position_embeddings = self.rotary_emb(v, kwargs["position_ids"], seq_len=length)
     q, k = _rotary(self, q, k, *position_embeddings)
     prefix = spec["prefix"][spec["layer"], spec["path"]]  # [2, Hkv, K, D]
     k = torch.cat([prefix[0].expand(b, -1, -1, -1), k], dim=2)

@@ -1,7 +1,7 @@
 """VLM2Vec's way of building and calling models, on Hugging Face classes and on doubles of VLM2Vec's vendored
-Qwen2-VL / LLaVA-NeXT: DoRA (as VLM2Vec wraps its backbone), inside ``MMEBModel``, gradient checkpointing
-on (reentrant and not), the unchanged ``encode_input`` inside ``use_paths``. Runs on every supported
-transformers release (the main CI run and ``scripts/compat-tf452.sh``)."""
+Qwen2-VL / Qwen2.5-VL / LLaVA-NeXT / Phi-3-V: DoRA (as VLM2Vec wraps its backbone), inside ``MMEBModel``,
+gradient checkpointing on (reentrant and not), the unchanged ``encode_input`` inside ``use_paths``. Runs on
+every supported transformers release (the main CI run and ``scripts/compat-tf452.sh``)."""
 
 import copy
 
@@ -10,16 +10,20 @@ import torch
 
 from pdfkernels import models
 from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
-from tests.models.builders import build_inputs, build_model
+from tests.models.builders import KINDS, build_inputs, build_model
 from tests.models.reference import float64_reference
 from tests.models.vlm2vec_doubles import MMEBModel, build_double, build_double_inputs
 
 peft = pytest.importorskip("peft")
 
-CASES = [("qwen2vl", None), ("llava-next-mistral", None), ("vendored-qwen2vl", "flash_attention_2"),
-         ("vendored-qwen2vl", "sdpa"), ("vendored-qwen2vl", "eager"), ("vendored-llava-next", "sdpa"),
-         ("vendored-llava-next", "eager")]
-VLM2VEC_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+_QWEN3VL = next(k for k in KINDS if getattr(k, "values", None) == ("qwen3vl",))  # skips where it is missing
+CASES = [("qwen2vl", None), ("qwen2.5vl", None), pytest.param(*_QWEN3VL.values, None, marks=_QWEN3VL.marks),
+         ("llava-next-mistral", None), ("vendored-qwen2vl", "flash_attention_2"),
+         ("vendored-qwen2vl", "sdpa"), ("vendored-qwen2vl", "eager"), ("vendored-qwen2.5vl", "flash_attention_2"),
+         ("vendored-qwen2.5vl", "sdpa"), ("vendored-phi3v", "flash_attention_2"), ("vendored-phi3v", "sdpa"),
+         ("vendored-phi3v", "eager"), ("vendored-llava-next", "sdpa"), ("vendored-llava-next", "eager")]
+# VLM2Vec's text targets; qkv_proj is Phi-3-V's fused projection (in VLM2Vec's default lora_target_modules)
+VLM2VEC_TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "down_proj"]
 
 
 def _build(kind, impl):
@@ -42,8 +46,13 @@ def _dora(model):
     return model
 
 
-def _as_double(inputs):
-    return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+def _as_double(value):
+    """Floating tensors as float64, also inside dicts and lists (Phi-3-V's per-row pixel values)."""
+    if isinstance(value, dict):
+        return {k: _as_double(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_double(v) for v in value]
+    return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
 def _outputs(model):
@@ -109,7 +118,7 @@ def test_vlm2vec_flow(kind, impl, reentrant):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-llava-next"])
+@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-qwen2.5vl", "vendored-phi3v", "vendored-llava-next"])
 def test_vendored_k_paths_in_one_call_equal_single_calls(kind):
     torch.manual_seed(0)
     base, inputs = _build(kind, "sdpa")

@@ -8,6 +8,10 @@
   4-D additive), and gradient checkpointing through ``_gradient_checkpointing_func(layer.__call__, *positional)``.
   On a CPU flash-attn cannot be requested through transformers, so ``attn_implementation`` may be passed to
   the constructor; the flash class is a double computing the same attention from the 2-D mask.
+- ``Qwen2_5_VLForConditionalGeneration``: VLM2Vec's vendored Qwen2.5-VL (``src/model/vlm_backbone/qwen2_5_vl``),
+  laid out as its Qwen2-VL (flat config, stack ``Qwen2_5_VLModel`` at ``model.model`` with the rotary that
+  feeds every layer) except that each attention module also holds a ``rotary_emb`` of its own, unused.
+- Phi-3-V: ``phi3v_double.py``.
 - ``LlavaNextForConditionalGeneration``: VLM2Vec's vendored LLaVA-NeXT layout: the language model is a
   causal LM of the installed transformers at ``model.language_model`` (no ``model.model``).
 - ``MMEBModel``: VLM2Vec's wrapper: ``.encoder``, ``encode_input`` (full model, ``output_hidden_states``,
@@ -24,6 +28,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava_next
+from tests.models.phi3v_double import Phi3VForCausalLM, build_phi3v, build_phi3v_inputs
 
 PATCH_DIM = 12  # pixel features per visual token
 IMAGE_TOKENS = 4  # visual tokens per image
@@ -207,10 +212,19 @@ class Qwen2VLModel(DoublePreTrained):
                                        hidden_states=states + (hidden,) if output_hidden_states else None)
 
 
+class Qwen2_5_VLModel(Qwen2VLModel):
+    def __init__(self, config, attn_implementation=None):
+        super().__init__(config, attn_implementation)
+        for layer in self.layers:  # as in VLM2Vec's vendored file: a rotary per attention, never called
+            layer.self_attn.rotary_emb = RotaryDouble(config)
+
+
 class Qwen2VLForConditionalGeneration(DoublePreTrained):
+    stack_class = Qwen2VLModel
+
     def __init__(self, config, attn_implementation=None):
         super().__init__(config)
-        self.model = Qwen2VLModel(config, attn_implementation)
+        self.model = self.stack_class(config, attn_implementation)
         self.visual = nn.Linear(PATCH_DIM, config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -230,6 +244,10 @@ class Qwen2VLForConditionalGeneration(DoublePreTrained):
                          inputs_embeds=embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True)
         return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state), hidden_states=out.hidden_states)
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    stack_class = Qwen2_5_VLModel
 
 
 class LlavaNextForConditionalGeneration(PreTrainedModel):
@@ -287,6 +305,10 @@ class MMEBModel(nn.Module):
 def build_double(kind: str, attn_implementation: str = "sdpa") -> nn.Module:
     if kind == "vendored-qwen2vl":
         return Qwen2VLForConditionalGeneration(FlatQwen2VLConfig(), attn_implementation).eval()
+    if kind == "vendored-qwen2.5vl":
+        return Qwen2_5_VLForConditionalGeneration(FlatQwen2VLConfig(), attn_implementation).eval()
+    if kind == "vendored-phi3v":
+        return build_phi3v(attn_implementation)
     if kind == "vendored-llava-next":
         config = tiny_llava_next("mistral")
         config.text_config._attn_implementation = attn_implementation
@@ -296,6 +318,8 @@ def build_double(kind: str, attn_implementation: str = "sdpa") -> nn.Module:
 
 def build_double_inputs(model: nn.Module, padding: str = "left", batch: int = 3) -> dict:
     """Rows alternate image+text and text-only, with different lengths, padded on ``padding``."""
+    if isinstance(model, Phi3VForCausalLM):
+        return build_phi3v_inputs(padding, batch)
     rows, images = [], 0
     for b in range(batch):
         text = torch.randint(10, 100, (3 + 2 * b,)).tolist()
