@@ -84,7 +84,8 @@ def check_supported(hf: nn.Module) -> nn.Module:
     name = type(hf).__name__
     if name not in SUPPORTED:
         raise TypeError(f"apply_pdf: model type {name} is not supported; supported: {', '.join(SUPPORTED)} "
-                        f"(LLaVA with a Mistral or Llama language model), also inside peft or VLM2Vec's MMEBModel")
+                        f"(LLaVA with a Mistral or Llama language model; Phi3VForCausalLM: VLM2Vec's vendored "
+                        "Phi-3-V), also inside peft or VLM2Vec's MMEBModel")
     stack = decoder_stack(hf)
     if type(stack).__name__ not in TEXT_STACKS:
         raise TypeError(f"apply_pdf: {name} with a {type(stack).__name__} language model is not supported; "

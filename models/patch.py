@@ -1,4 +1,5 @@
-"""Deep prefixes for N parallel paths in Qwen2-VL and LLaVA(-Next) models, patched in place.
+"""Deep prefixes for N parallel paths in Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA(-Next) and Phi-3-V models, patched
+in place.
 
 ``apply_pdf`` adds one parameter, ``model.pdf_prefix`` ``[layers, N, 2, Hkv, K, D]`` (an fp32 master copy
 whatever the backbone's dtype; each layer reads it in its compute dtype), gives each text

@@ -147,8 +147,9 @@ def test_triton_backend_matches_torch_path(kind, monkeypatch):
 def test_unsupported_model_is_refused_with_the_list():
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
-    with pytest.raises(TypeError, match="LlamaForCausalLM is not supported; supported: Qwen2VLForConditional"):
+    with pytest.raises(TypeError, match="LlamaForCausalLM is not supported; supported: Qwen2VLForConditional") as info:
         models.apply_pdf(LlamaForCausalLM(config))
+    assert all(name in str(info.value) for name in models.SUPPORTED)
 
 
 @pytest.mark.parametrize("paths", [2, [0, 5], [], "0"])
