@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# pdfkernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
           f"transformers {meta['transformers']}, commit {meta['commit']}){' --quick' if args.quick else ''}\n")
     if "table4" in parts:
-        from pdfkernels.bench.table4 import table
+        from pdfkernels.bench.table4 import backbone_table, table
 
         text, rows = table()
         result["table4"] = rows
         print("## Table 4 (Qwen2-VL-2B, meta device)\n\n" + text + "\n")
+        text, result["table4_backbones"] = backbone_table()
+        print("## Table 4's counts for the other backbones (same convention, no paper figures)\n\n" + text + "\n")
     for part in (p for p in parts if p in TIMED):
         records = run_timed(part, args.quick)
         result["benchmarks"] += records
