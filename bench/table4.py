@@ -11,8 +11,9 @@ visual tokens, T = 2314 tokens with 10 text tokens). Single prefix adds the pref
 
 The same counts follow for the other backbone presets (``BACKBONES``: Qwen2.5-VL-3B / -7B, Qwen3-VL-2B where the
 installed transformers has it), with no paper figures to compare: their image gives ``(1344 / patch)^2`` patches
-(Qwen3-VL's patch is 16), and VLM2Vec's target list is applied as VLM2Vec applies it (peft matches the names
-anywhere, so Qwen2.5-VL's vision MLP ``down_proj`` gets adapters too; the adapted-module count is printed).
+(Qwen3-VL's patch is 16). DoRA goes on the text q/k/v/o/down_proj (``VLM2VEC_TARGETS``; the adapted-module
+count is printed); VLM2Vec's own comma-separated list, matched by name anywhere, would also adapt Qwen2.5-VL's
+32 vision-MLP ``down_proj`` layers.
 """
 
 from __future__ import annotations
