@@ -135,6 +135,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_triton_backend_matches_torch_path(kind, monkeypatch):
+    if kind == "qwen2.5vl":
+        pytest.skip("the same text attention shapes as qwen2vl: the interpreted kernels would add time, not cover more")
     model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
     inputs = build_inputs(kind, model, "left")
     with torch.no_grad():
