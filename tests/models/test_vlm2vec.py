@@ -200,3 +200,23 @@ def test_a_bf16_backbone_prefix_is_an_fp32_master_that_trains():
         assert prefix.grad.dtype == torch.float32
         optimizer.step()
     assert bool((prefix.detach() != start).all()), "every prefix element must change"
+
+
+def test_phi3v_recompute_keeps_its_paths_when_the_caller_reuses_its_position_ids():
+    """Phi-3-V's paths ride on the storage of the position ids: a second forward with another path and the same
+    caller tensor must not retag the first forward's reentrant recompute."""
+    torch.manual_seed(0)
+    model = build_double("vendored-phi3v", "sdpa")
+    inputs = build_double_inputs(model)
+    models.apply_pdf(model, num_paths=2, prefix_len=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    positions = torch.arange(inputs["input_ids"].shape[1]).unsqueeze(0)
+    with models.use_paths(model, 0):
+        first = model(**inputs, position_ids=positions, output_hidden_states=True).hidden_states[-1].square().sum()
+    with models.use_paths(model, 1):
+        model(**inputs, position_ids=positions, output_hidden_states=True)
+    first.backward()
+    assert model.pdf_prefix.grad[:, 0].abs().sum() > 0
+    assert torch.count_nonzero(model.pdf_prefix.grad[:, 1]) == 0, "the recompute must use its own forward's path"
