@@ -156,7 +156,7 @@ def test_a_dry_forward_that_fails_is_reported():
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-llava-next"])
+@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-qwen2.5vl", "vendored-phi3v", "vendored-llava-next"])
 def test_every_path_through_the_unchanged_encode_input(kind, padding):
     """``encode_input`` inside ``use_paths(model, [2, 0])``: k·B rows, path-major, each path's rows equal to its
     single-path call, whichever side the batch is padded on (VLM2Vec pools with its B-row mask)."""
