@@ -12,13 +12,15 @@ partials are summed per sequence and then per path in a fixed order. No atomics 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 
-from . import backend, reference
+from . import backend
+from . import prefix_attention_torch as torch_path
 from . import prefix_attention_configs as configs
 from .autocast import follows_autocast
-from .baselines import cat_sdpa_prefix_attention
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dprefix_kernel,
@@ -160,7 +162,8 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     configs.launch(kernel, options, _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device,
                    head_dim, causal, layout.varlen, has_mask,
                    lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args)
-    one_hot = torch.nn.functional.one_hot(path_ids, num_paths).T.float()[:, :, None]  # [N, S, 1]
+    # [N, S, 1]; a comparison, not one_hot, which reads the ids on the host (a sync, no CUDA-graph capture)
+    one_hot = (torch.arange(num_paths, device=path_ids.device)[:, None] == path_ids[None, :]).float()[:, :, None]
     per_path = []
     for part in (dpk_part, dpv_part):
         per_seq = part[:, :, :, :num_prefix, :head_dim].sum(2).flatten(1)  # [S, Hkv * K * D]
@@ -168,32 +171,6 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
         per_path.append(summed.to(pk.dtype))
     dpk, dpv = per_path
     return dq, dk, dv, dpk, dpv
-
-
-class _PrefixAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pk, pv, path_ids, cu_seqlens, mask, max_len: int, causal: bool, scale: float,
-                varlen: bool):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        pk, pv = pk.contiguous(), pv.contiguous()
-        path_ids = path_ids.to(torch.int64).contiguous()
-        mask = mask.contiguous().view(torch.uint8) if mask is not None else None
-        layout = _Layout(q, k, cu_seqlens, mask, varlen)
-        out, lse = _forward(q, k, v, pk, pv, path_ids, layout, max_len, causal, scale)
-        ctx.save_for_backward(q, k, v, pk, pv, path_ids, out, lse)
-        ctx.layout, ctx.max_len, ctx.causal, ctx.scale = layout, max_len, causal, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, pk, pv, path_ids, out, lse = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        with torch.no_grad():
-            grads = _backward(do, q, k, v, pk, pv, path_ids, out, lse, ctx.layout, ctx.max_len, ctx.causal,
-                              ctx.scale, pk.shape[0])
-        if torch.is_grad_enabled():  # create_graph=True: the gradients are first-order only, say so if used
-            grads = _FirstOrderOnly.apply(len(grads), *grads, do, q, k, v, pk, pv)
-        return (*grads, None, None, None, None, None, None, None)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -213,19 +190,189 @@ class _FirstOrderOnly(torch.autograd.Function):
             "call pdfkernels.reference.prefix_attention / prefix_attention_varlen (plain PyTorch).")
 
 
-def _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal: bool, scale: float):
-    """The PyTorch path (CPU default): SDPA on the concatenated keys with an explicit mask, computed in fp32
-    for 16-bit inputs as the reference is; plain causal SDPA when there is neither prefix nor padding."""
-    dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        q, k, v, prefix_k, prefix_v = (t.float() for t in (q, k, v, prefix_k, prefix_v))
-    if prefix_k.shape[2] == 0 and key_padding_mask is None:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                               enable_gqa=q.shape[1] != k.shape[1])
-    else:
-        out = cat_sdpa_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
-    return out.to(dtype)
 
+
+# ---------------------------------------------------------------------------------------------------
+# Registered ops (torch.library): what torch.compile traces and CUDA graphs capture
+# ---------------------------------------------------------------------------------------------------
+# custom_op, not triton_op: the launchers choose among registered configurations (autotune, TMA descriptors
+# built on the host) per call, which triton_op's traced body cannot hold; to the compiler each op is one opaque
+# node with a fake implementation. Values are never read on the host inside an op (no sync, capturable).
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """The buffer an op returns for ``t``'s gradient or output: ``t``'s strides when its head_dim is unit-stride
+    and it is dense, else contiguous (the same rule in the real and the fake implementation)."""
+    return torch.empty_like(_last_dim_contiguous(t))
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool, triton_path: bool) -> tuple[int, ...]:
+    if not triton_path:  # the PyTorch path's layouts
+        return (q.shape[0], q.shape[1]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
+    return (q.shape[0], q.shape[1]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _fake_forward(q, varlen: bool):
+    triton_path = backend.use_triton_for("prefix_attention", q)
+    dtype = torch.float32 if triton_path else torch_path.lse_dtype(q)
+    return _like(q), q.new_empty(_lse_shape(q, varlen, triton_path), dtype=dtype)
+
+
+def _fake_backward(q, k, v, prefix_k, prefix_v):
+    return (_like(q), _like(k), _like(v), prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
+
+
+def _triton_forward(q, k, v, pk, pv, path_ids, cu_seqlens, mask, max_len: int, causal: bool, scale: float,
+                    varlen: bool):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    pk, pv = pk.contiguous(), pv.contiguous()
+    path_ids = path_ids.to(torch.int64).contiguous()
+    mask = mask.contiguous().view(torch.uint8) if mask is not None else None
+    return _forward(q, k, v, pk, pv, path_ids, _Layout(q, k, cu_seqlens, mask, varlen), max_len, causal, scale)
+
+
+def _triton_backward(do, q, k, v, pk, pv, path_ids, cu_seqlens, mask, out, lse, max_len: int, causal: bool,
+                     scale: float, varlen: bool):
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    pk, pv = pk.contiguous(), pv.contiguous()
+    path_ids = path_ids.to(torch.int64).contiguous()
+    mask = mask.contiguous().view(torch.uint8) if mask is not None else None
+    return _backward(do, q, k, v, pk, pv, path_ids, out, lse, _Layout(q, k, cu_seqlens, mask, varlen), max_len,
+                     causal, scale, pk.shape[0])
+
+
+def _differentiable_grads(run, do, inputs):
+    """create_graph=True on the PyTorch path: its gradients as a graph, by autograd over the same formulas."""
+    with torch.enable_grad():
+        return torch.autograd.grad(run(*inputs)[0], inputs, do, create_graph=True, allow_unused=True)
+
+
+def _fixed(buffers, grads):
+    """Each result in the buffer its fake implementation promises (fixed strides)."""
+    for buffer, grad in zip(buffers, grads):
+        buffer.copy_(grad)
+    return tuple(buffers)
+
+
+@torch.library.custom_op("pdfkernels::prefix_attention", mutates_args=())
+def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                         prefix_v: torch.Tensor, path_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                         causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend.use_triton_for("prefix_attention", q):
+        return _triton_forward(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2], causal,
+                               scale, False)
+    out, lse = torch_path.forward(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
+    return _fixed([_like(q)], [out])[0], lse
+
+
+@_prefix_attention_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale):
+    return _fake_forward(q, False)
+
+
+@torch.library.custom_op("pdfkernels::prefix_attention_backward", mutates_args=())
+def _prefix_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  prefix_k: torch.Tensor, prefix_v: torch.Tensor, path_ids: torch.Tensor,
+                                  key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                                  causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor, torch.Tensor]:
+    if backend.use_triton_for("prefix_attention", q):
+        return _triton_backward(do, q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, out, lse,
+                                q.shape[2], causal, scale, False)
+    grads = torch_path.backward(do, q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, out, lse, causal, scale)
+    return _fixed(_fake_backward(q, k, v, prefix_k, prefix_v), grads)
+
+
+@_prefix_attention_backward_op.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, out, lse, causal, scale):
+    return _fake_backward(q, k, v, prefix_k, prefix_v)
+
+
+@torch.library.custom_op("pdfkernels::prefix_attention_varlen", mutates_args=())
+def _prefix_attention_varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
+                                prefix_v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                path_ids: torch.Tensor, causal: bool,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend.use_triton_for("prefix_attention_varlen", q):
+        return _triton_forward(q, k, v, prefix_k, prefix_v, path_ids, cu_seqlens, None, max(max_seqlen, 1), causal,
+                               scale, True)
+    out, lse = torch_path.forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, path_ids, causal, scale)
+    return _fixed([_like(q)], [out])[0], lse
+
+
+@_prefix_attention_varlen_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids, causal, scale):
+    return _fake_forward(q, True)
+
+
+@torch.library.custom_op("pdfkernels::prefix_attention_varlen_backward", mutates_args=())
+def _prefix_attention_varlen_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                         prefix_k: torch.Tensor, prefix_v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                         max_seqlen: int, path_ids: torch.Tensor, out: torch.Tensor,
+                                         lse: torch.Tensor, causal: bool,
+                                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor, torch.Tensor]:
+    if backend.use_triton_for("prefix_attention_varlen", q):
+        return _triton_backward(do, q, k, v, prefix_k, prefix_v, path_ids, cu_seqlens, None, out, lse,
+                                max(max_seqlen, 1), causal, scale, True)
+    grads = torch_path.backward_varlen(do, q, k, v, prefix_k, prefix_v, cu_seqlens, path_ids, out, lse, causal,
+                                       scale)
+    return _fixed(_fake_backward(q, k, v, prefix_k, prefix_v), grads)
+
+
+@_prefix_attention_varlen_backward_op.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids, out, lse, causal, scale):
+    return _fake_backward(q, k, v, prefix_k, prefix_v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs  # tensors go through save_for_backward; the rest (flags, ints) stays as given
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    ctx.tensor_at = [i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)]
+    ctx.save_for_backward(*tensors, *output)
+    ctx.set_materialize_grads(True)
+
+
+def _saved(ctx):
+    *tensors, out, lse = ctx.saved_tensors
+    inputs = list(ctx.inputs)
+    for i, t in zip(ctx.tensor_at, tensors):
+        inputs[i] = t
+    return inputs, out, lse
+
+
+def _backward_padded(ctx, do, _dlse):
+    (q, k, v, pk, pv, path_ids, mask, causal, scale), out, lse = _saved(ctx)
+    if torch.is_grad_enabled() and not backend.use_triton_for("prefix_attention", q):  # create_graph=True
+        grads = _differentiable_grads(lambda *t: torch_path.forward(*t, path_ids, mask, causal, scale), do,
+                                      [q, k, v, pk, pv])
+    else:
+        grads = torch.ops.pdfkernels.prefix_attention_backward(do, q, k, v, pk, pv, path_ids, mask, out, lse, causal,
+                                                               scale)
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are first-order only, say so if used
+            grads = _FirstOrderOnly.apply(len(grads), *grads, do, q, k, v, pk, pv)
+    return (*grads, None, None, None, None)
+
+
+def _backward_varlen(ctx, do, _dlse):
+    (q, k, v, pk, pv, cu, max_seqlen, path_ids, causal, scale), out, lse = _saved(ctx)
+    if torch.is_grad_enabled() and not backend.use_triton_for("prefix_attention_varlen", q):
+        grads = _differentiable_grads(lambda *t: torch_path.forward_varlen(*t, cu, path_ids, causal, scale), do,
+                                      [q, k, v, pk, pv])
+    else:
+        grads = torch.ops.pdfkernels.prefix_attention_varlen_backward(do, q, k, v, pk, pv, cu, max_seqlen, path_ids,
+                                                                      out, lse, causal, scale)
+        if torch.is_grad_enabled():
+            grads = _FirstOrderOnly.apply(len(grads), *grads, do, q, k, v, pk, pv)
+    return (*grads, None, None, None, None, None)
+
+
+_prefix_attention_op.register_autograd(_backward_padded, setup_context=_setup_context)
+_prefix_attention_varlen_op.register_autograd(_backward_varlen, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public functions: argument checks (value checks outside any traced graph), then the op
+# ---------------------------------------------------------------------------------------------------
 
 @follows_autocast
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
@@ -236,7 +383,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     k, v ``[B, Hkv, L, D]``, prefix_k, prefix_v ``[N, Hkv, K, D]``, path_ids ``[B]``, key_padding_mask
     ``[B, L]`` bool (True = real token, left or right padding). Returns q's shape and dtype; when q is the
     ``[B, H, L, D]`` transpose of a ``[B, L, H, D]`` buffer (as Hugging Face passes it), so is the output,
-    and transposing it back is free. Differentiable in q, k, v, prefix_k and prefix_v."""
+    and transposing it back is free. Differentiable in q, k, v, prefix_k and prefix_v. The op underneath is
+    ``torch.ops.pdfkernels.prefix_attention`` (what ``torch.compile`` traces)."""
     return _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, softmax_scale, True)
 
 
@@ -254,10 +402,10 @@ def _prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, c
                       check_path_range: bool) -> torch.Tensor:
     scale = check_prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
                                    softmax_scale, check_path_range)
-    if not backend.use_triton_for("prefix_attention", q):
-        return _torch_path(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale)
-    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2],
-                                  causal, scale, False)
+    backend.use_triton_for("prefix_attention", q)  # a dtype the kernels do not take is refused here, by name
+    out, _ = torch.ops.pdfkernels.prefix_attention(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal,
+                                                   scale)
+    return out
 
 
 @follows_autocast
@@ -266,11 +414,11 @@ def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
                             path_ids: torch.Tensor, *, causal: bool = True,
                             softmax_scale: float | None = None) -> torch.Tensor:
     """Packed sequences: q ``[T, H, D]``, k, v ``[T, Hkv, D]``, cu_seqlens int32 ``[S+1]``, path_ids ``[S]``.
-    Returns ``[T, H, D]`` in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v."""
+    Returns ``[T, H, D]`` in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v. The op underneath is
+    ``torch.ops.pdfkernels.prefix_attention_varlen``."""
     scale = check_prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
                                           causal, softmax_scale)
-    if not backend.use_triton_for("prefix_attention_varlen", q):
-        return reference.prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen, path_ids,
-                                                 causal=causal, softmax_scale=scale)
-    return _PrefixAttention.apply(q, k, v, prefix_k, prefix_v, path_ids, cu_seqlens, None, max(max_seqlen, 1),
-                                  causal, scale, True)
+    backend.use_triton_for("prefix_attention_varlen", q)
+    out, _ = torch.ops.pdfkernels.prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens, max_seqlen,
+                                                          path_ids, causal, scale)
+    return out

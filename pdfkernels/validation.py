@@ -48,6 +48,19 @@ def check_dims(op: str, name: str, t: torch.Tensor, expected: dict[int, tuple[st
                              f"got shape {_shape(t)}")
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """True when a check may read ``t``'s values on the host: in eager mode, outside a CUDA-graph capture. Inside
+    ``torch.compile`` or a capture a host read would break the graph (or the capture), so value checks become
+    device-side asserts there (``torch._assert_async``): the same condition, without a sync."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _assert_on_device(condition: torch.Tensor, message: str) -> None:
+    torch._assert_async(condition.all(), message)
+
+
 def check_ids(op: str, name: str, ids: object, length: int, upper: int, length_symbol: str,
               upper_symbol: str, device: torch.device, check_range: bool = True) -> torch.Tensor:
     """Integer ids of shape ``[length]`` with values in ``[0, upper)``. The range check costs one sync on
@@ -58,7 +71,10 @@ def check_ids(op: str, name: str, ids: object, length: int, upper: int, length_s
     check_device(op, name, ids, device)
     if ids.shape[0] != length:
         raise ValueError(f"{op}: argument '{name}' expected shape [{length_symbol}={length}], got {_shape(ids)}")
-    if length and check_range:
+    if length and check_range and not values_readable(ids):
+        _assert_on_device((ids >= 0) & (ids < upper), f"{op}: argument '{name}' expected values in "
+                                                      f"[0, {upper_symbol}={upper})")
+    elif length and check_range:
         lo, hi = (int(x) for x in torch.stack([ids.min(), ids.max()]).tolist())
         if lo < 0 or hi >= upper:
             raise ValueError(f"{op}: argument '{name}' expected values in [0, {upper_symbol}={upper}), "
@@ -136,6 +152,15 @@ def check_cu_seqlens(op: str, cu_seqlens: object, total: int, max_seqlen: object
     check_device(op, "cu_seqlens", cu, device)
     if cu.shape[0] < 2:
         raise ValueError(f"{op}: argument 'cu_seqlens' expected shape [S+1] with S >= 1, got {_shape(cu)}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)):
+        raise TypeError(f"{op}: argument 'max_seqlen' expected an int, got {type(max_seqlen).__name__}")
+    if not values_readable(cu):
+        lengths = cu[1:] - cu[:-1]
+        _assert_on_device(cu[0] == 0, f"{op}: argument 'cu_seqlens' expected to start at 0")
+        _assert_on_device(cu[-1] == total, f"{op}: argument 'cu_seqlens' expected to end at T={total}")
+        _assert_on_device(lengths >= 0, f"{op}: argument 'cu_seqlens' expected non-decreasing offsets")
+        _assert_on_device(lengths <= max_seqlen, f"{op}: argument 'max_seqlen' expected >= the longest sequence")
+        return cu.shape[0] - 1
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values[:-1], values[1:])]
     if values[0] != 0 or values[-1] != total:
@@ -144,8 +169,6 @@ def check_cu_seqlens(op: str, cu_seqlens: object, total: int, max_seqlen: object
     if min(lengths) < 0:
         raise ValueError(f"{op}: argument 'cu_seqlens' expected non-decreasing offsets, "
                          f"got a decrease at index {lengths.index(min(lengths)) + 1}")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"{op}: argument 'max_seqlen' expected an int, got {type(max_seqlen).__name__}")
     if max_seqlen < max(lengths):
         raise ValueError(f"{op}: argument 'max_seqlen' expected >= the longest sequence ({max(lengths)}), "
                          f"got {max_seqlen}")
