@@ -464,6 +464,118 @@ def _differentiable_grads(ctx, y, mu, logvar, grad_out) -> list[torch.Tensor | N
     return [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Registered ops (one process): what torch.compile traces and CUDA graphs capture. Under torch.distributed the
+# statistics are exchanged between ranks, which stays in the autograd function above (eager only).
+# ---------------------------------------------------------------------------------------------------
+
+_OP_NAMES = {"mim": "mim_loss", "estimator": "estimator_nll"}
+
+
+def _local_loss(y, mu, logvar, kind: str):
+    """(loss in y's dtype, stats [6, N, d] or None, others [2, N, d] or None) on this process's samples."""
+    n, b, d = y.shape
+    use_triton = backend.use_triton_for(_OP_NAMES[kind], y)
+    y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
+    stats = others = None
+    if kind == "mim":
+        stats = (_stats_triton if use_triton else _stats_torch)(y, mu, logvar)
+        others, _ = _others_stats(stats)
+    alpha, beta, constant = _coefficients(kind, n, b, d)
+    loss = (_forward_triton if use_triton else _forward_torch)(y, mu, logvar, stats, alpha, beta)
+    return (loss + constant).to(y.dtype), stats, others
+
+
+def _local_grads(grad_out, y, mu, logvar, stats, others, kind: str):
+    n, b, d = y.shape
+    use_triton = backend.use_triton_for(_OP_NAMES[kind], y)
+    y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
+    path_stats = PathStats(*stats.unbind(0), count=b) if stats is not None else None
+    alpha, beta, _ = _coefficients(kind, n, b, d)
+    backward = _backward_triton if use_triton else _backward_torch
+    return tuple(backward(y, mu, logvar, path_stats, others, (n - 1) * b, alpha, beta, grad_out.reshape(1)))
+
+
+def _stats_dtype(y: torch.Tensor) -> torch.dtype:
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("pdfkernels::mim_loss", mutates_args=())
+def _mim_loss_op(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    loss, stats, others = _local_loss(y, mu, logvar, "mim")
+    return loss, stats.stacked(), others
+
+
+@_mim_loss_op.register_fake
+def _(y, mu, logvar):
+    n, _, d = y.shape
+    dtype = _stats_dtype(y)
+    return y.new_empty(()), y.new_empty((6, n, d), dtype=dtype), y.new_empty((2, n, d), dtype=dtype)
+
+
+@torch.library.custom_op("pdfkernels::mim_loss_backward", mutates_args=())
+def _mim_loss_backward_op(grad_out: torch.Tensor, y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                          stats: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                              torch.Tensor]:
+    return _local_grads(grad_out, y, mu, logvar, stats, others, "mim")
+
+
+@_mim_loss_backward_op.register_fake
+def _(grad_out, y, mu, logvar, stats, others):
+    return y.new_empty(y.shape), mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
+
+
+@torch.library.custom_op("pdfkernels::estimator_nll", mutates_args=())
+def _estimator_nll_op(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return _local_loss(y, mu, logvar, "estimator")[0]
+
+
+@_estimator_nll_op.register_fake
+def _(y, mu, logvar):
+    return y.new_empty(())
+
+
+@torch.library.custom_op("pdfkernels::estimator_nll_backward", mutates_args=())
+def _estimator_nll_backward_op(grad_out: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
+                               logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_grads(grad_out, y, mu, logvar, None, None, "estimator")
+
+
+@_estimator_nll_backward_op.register_fake
+def _(grad_out, y, mu, logvar):
+    return y.new_empty(y.shape), mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
+
+
+def _setup(kind: str):
+    def setup_context(ctx, inputs, output):
+        y, mu, logvar = inputs
+        n, b, d = y.shape
+        saved = (y, mu, logvar, *output[1:]) if kind == "mim" else (y, mu, logvar)
+        ctx.save_for_backward(*saved)
+        ctx.kind, ctx.group = kind, None
+        ctx.alpha, ctx.beta, _ = _coefficients(kind, n, b, d)
+    return setup_context
+
+
+def _mim_backward(ctx, grad_out, _dstats, _dothers):
+    y, mu, logvar, stats, others = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+        return tuple(_differentiable_grads(ctx, y, mu, logvar, grad_out))
+    return torch.ops.pdfkernels.mim_loss_backward(grad_out, y, mu, logvar, stats, others)
+
+
+def _estimator_backward(ctx, grad_out):
+    y, mu, logvar = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return tuple(_differentiable_grads(ctx, y, mu, logvar, grad_out))
+    return torch.ops.pdfkernels.estimator_nll_backward(grad_out, y, mu, logvar)
+
+
+_mim_loss_op.register_autograd(_mim_backward, setup_context=_setup("mim"))
+_estimator_nll_op.register_autograd(_estimator_backward, setup_context=_setup("estimator"))
+
+
 def _resolve_group(group):
     if group is not None:
         return group
@@ -483,6 +595,8 @@ def mim_loss(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *, group=N
     Deterministic: no atomics; partial sums are reduced in a fixed order."""
     check_gaussian("mim_loss", y, mu, logvar, "[N, B, d]", min_paths=2, min_batch=2)
     group = _resolve_group(group)
+    if group is None:  # the registered op (torch.compile, CUDA graphs)
+        return torch.ops.pdfkernels.mim_loss(y, mu, logvar)[0]
     return _GaussianPathLoss.apply(y, mu, logvar, "mim", group, backend.use_triton_for("mim_loss", y))
 
 
@@ -490,4 +604,4 @@ def estimator_nll(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> to
     """The estimator's loss of Eq. 4 from ``[N, B, d]`` inputs (N >= 2): the mean over samples and ordered
     path pairs i != j of ``-log q(y[i,k] | mu[j,k], logvar[j,k])``. Local to this rank's samples."""
     check_gaussian("estimator_nll", y, mu, logvar, "[N, B, d]", min_paths=2)
-    return _GaussianPathLoss.apply(y, mu, logvar, "estimator", None, backend.use_triton_for("estimator_nll", y))
+    return torch.ops.pdfkernels.estimator_nll(y, mu, logvar)

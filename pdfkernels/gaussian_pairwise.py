@@ -150,28 +150,44 @@ def _pairwise_triton(y, mu, logvar) -> torch.Tensor:
     return out
 
 
-class _Pairwise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, mu, logvar, use_triton: bool):
-        ctx.save_for_backward(y, mu, logvar)  # the inputs themselves: a double backward differentiates them
-        y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
-        return (_pairwise_triton if use_triton else _pairwise_torch)(y, mu, logvar)
+@torch.library.custom_op("pdfkernels::gaussian_loglik_pairwise", mutates_args=())
+def _pairwise_op(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The registered op (torch.compile, CUDA graphs). Its Triton path re-evaluates the flagged entries, whose
+    number it reads on the host: no CUDA-graph capture of this op (torch.compile is fine: the op is opaque)."""
+    y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
+    use_triton = backend.use_triton_for("gaussian_loglik_pairwise", y)
+    return (_pairwise_triton if use_triton else _pairwise_torch)(y, mu, logvar)
 
-    @staticmethod
-    def backward(ctx, grad):
-        y, mu, logvar = ctx.saved_tensors
-        yc, muc, _, w, _ = _centred(y, mu, logvar)
-        g = grad.to(yc.dtype)
-        colsum = g.sum(0)[:, None]  # [B, 1] over anchors, per conditioning sample
-        gt_y = g.T @ yc
-        dy = -(yc * (g @ w) - g @ (muc * w))
-        dmu = w * (gt_y - colsum * muc)
-        dlogvar = 0.5 * w * (g.T @ yc.square() - 2.0 * muc * gt_y + colsum * muc.square()) - 0.5 * colsum
-        return dy.to(y.dtype), dmu.to(mu.dtype), dlogvar.to(logvar.dtype), None
+
+@_pairwise_op.register_fake
+def _(y, mu, logvar):
+    return y.new_empty((y.shape[0], y.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # the inputs themselves: a double backward differentiates them
+
+
+def _backward(ctx, grad):
+    """Three matrix products in PyTorch ops (differentiable: second-order gradients), traced by the compiler."""
+    y, mu, logvar = ctx.saved_tensors
+    yc, muc, _, w, _ = _centred(y, mu, logvar)
+    g = grad.to(yc.dtype)
+    colsum = g.sum(0)[:, None]  # [B, 1] over anchors, per conditioning sample
+    gt_y = g.T @ yc
+    dy = -(yc * (g @ w) - g @ (muc * w))
+    dmu = w * (gt_y - colsum * muc)
+    dlogvar = 0.5 * w * (g.T @ yc.square() - 2.0 * muc * gt_y + colsum * muc.square()) - 0.5 * colsum
+    return dy.to(y.dtype), dmu.to(mu.dtype), dlogvar.to(logvar.dtype)
+
+
+_pairwise_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gaussian_loglik_pairwise(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``[B, B]``: entry ``[k, m] = log N(y_k; mu_m, diag(exp(logvar_m)))`` from ``[B, d]`` inputs, in y's
-    dtype, differentiable in all three. For diagnostics and for weighting or sampling negatives."""
+    dtype, differentiable in all three. For diagnostics and for weighting or sampling negatives. The op
+    underneath is ``torch.ops.pdfkernels.gaussian_loglik_pairwise``."""
     check_gaussian("gaussian_loglik_pairwise", y, mu, logvar, "[B, d]")
-    return _Pairwise.apply(y, mu, logvar, backend.use_triton_for("gaussian_loglik_pairwise", y))
+    backend.use_triton_for("gaussian_loglik_pairwise", y)  # a dtype the kernels do not take is refused here
+    return torch.ops.pdfkernels.gaussian_loglik_pairwise(y, mu, logvar)
