@@ -13,6 +13,11 @@ fastest in-process; later calls return it without timing. The key must be hashab
 can change the winner (architecture, dtype, head dim, flags, a shape bucket). Timing repeats the launch, which
 is harmless only because the kernels overwrite their outputs (no atomics, no accumulation into outputs).
 
+Tuning never runs inside ``torch.compile``'s tracing or a CUDA-graph capture (timing would sync, and a capture
+would record the timing launches): there the cached choice is used, or ``candidates[0]`` when the key was never
+tuned (not cached, so a later eager call still tunes). Warm up by running the op once eagerly on the shapes to be
+captured (``torch.compile(mode="reduce-overhead")`` does: it runs eagerly before it captures).
+
 Only CUDA devices outside Triton's interpreter are tuned; elsewhere ``candidates[0]`` is returned unrun, so
 CPU runs and tests stay deterministic. ``PDFKERNELS_AUTOTUNE=0`` turns tuning off (``1`` or unset: on);
 ``PDFKERNELS_AUTOTUNE_LOG=1`` prints one line per new choice to stderr.
@@ -51,6 +56,14 @@ def enabled(device: torch.device) -> bool:
     return value == "1" and torch.device(device).type == "cuda" and not backend.interpreting()
 
 
+def may_time(device: torch.device) -> bool:
+    """False inside ``torch.compile``'s tracing or while a CUDA-graph capture is under way on this stream."""
+    if torch.compiler.is_compiling():
+        return False
+    on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    return not (on_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _default_bench(fn: Callable[[], None]) -> float:
     from triton.testing import do_bench
 
@@ -71,6 +84,8 @@ def pick(op: str, key: tuple, candidates: Sequence[T], run: Callable[[T], None],
     cached = _cache.get((op, key))
     if cached is not None:
         return candidates[cached["choice"]]
+    if not may_time(device):
+        return candidates[0]
 
     global _bench
     if _bench is None:

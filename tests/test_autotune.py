@@ -159,3 +159,30 @@ def test_default_bench_is_triton_do_bench(monkeypatch):
     assert autotune.pick("fwd", (1,), ["a", "b"], ran.append, CUDA) == "a"  # tie: the earlier candidate
     assert ran == ["a", "b"]
     assert calls == [(autotune.WARMUP_MS, autotune.REP_MS)] * 2
+
+
+@pytest.mark.parametrize("inside", ["capture", "compile"])
+def test_never_times_inside_a_graph_capture_or_compile(tuner, monkeypatch, inside):
+    """Inside a CUDA-graph capture or torch.compile's tracing: the cached choice, or the default untimed and not
+    cached (the next eager call tunes)."""
+    if inside == "capture":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    else:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    tuner["times"] = {"a": 3.0, "b": 1.0}
+    run = runner(tuner)
+    assert autotune.pick("fwd", (1,), ["a", "b"], run, CUDA) == "a"
+    assert tuner["ran"] == [] and autotune.chosen() == {}
+    monkeypatch.undo()  # eager again (the fixture's settings go too: restore them)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(autotune, "_bench", lambda fn: (fn(), tuner["times"][tuner["ran"][-1]])[1])
+    assert autotune.pick("fwd", (1,), ["a", "b"], run, CUDA) == "b"  # the first eager call tunes
+    if inside == "capture":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    else:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ran = len(tuner["ran"])
+    assert autotune.pick("fwd", (1,), ["a", "b"], run, CUDA) == "b"  # the cached choice, nothing timed
+    assert len(tuner["ran"]) == ran
