@@ -6,13 +6,15 @@ applies the rotary embedding it is handed and calls ``prefix_attention``. Nothin
 attention registries, which older releases and vendored per-class dispatch never consult.
 
 **Paths** never travel as a keyword (older models reject unknown keywords). A forward hook on the decoder
-stack's rotary embedding tags the position embeddings of each forward with the active paths (a fresh view of
-``cos`` per forward); every layer receives that same object, and gradient checkpointing (reentrant or not)
-replays the layer with it, so a recompute in a backward that runs after ``use_paths`` has exited still uses
-the paths of its own forward. Where each attention module computes its own rotary embedding from
-``position_ids`` (Phi-3-V), a forward pre-hook on the stack hands it fresh position ids whose storage is tagged
-instead (the storage, not the tensor: reentrant checkpointing replays a layer on detached copies of its tensor
-arguments, which share the storage).
+stack's rotary embedding builds the forward's path-id tensor once, on the device, and returns the position
+embeddings as ``(cos, sin, (path_ids, with_prefix))``; every layer receives that same tuple (decoder layers hand
+it to their attention untouched), and gradient checkpointing (reentrant or not) replays the layer with it, so a
+recompute in a backward that runs after ``use_paths`` has exited still uses the paths of its own forward. This is
+plain tensors in a tuple, which ``torch.compile`` traces (the hook included) without a graph break. Where each
+attention module computes its own rotary embedding from ``position_ids`` (Phi-3-V), a forward pre-hook on the
+stack hands it fresh position ids whose *storage* carries the path ids instead (the storage, not the tensor:
+reentrant checkpointing replays a layer on detached copies of its tensor arguments, which share the storage);
+that mechanism is eager only (Dynamo cannot trace an attribute on a storage).
 
 What differs between families is only how q, k and v are computed (``_project``, chosen by the stack's
 ``layout.TextLayout``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
@@ -32,7 +34,7 @@ from pdfkernels.prefix_attention import prefix_attention_known_paths
 from .layout import TextLayout, text_layout
 from .masks import key_padding_mask
 
-PATHS_ATTR = "_pdf_paths"  # on the cos tensor of a forward's position embeddings: a tuple of path ids
+PATHS_ATTR = "_pdf_paths"  # Phi-3-V: on the storage of the position ids a forward hands its layers
 
 
 @dataclass
@@ -56,13 +58,17 @@ class Binding:
     calls: int = field(default=0)
 
 
-def path_ids_for(paths: tuple[int, ...], batch: int, device: torch.device) -> torch.Tensor:
-    """Path id per row; with k paths the batch is k copies of the inputs, path-major."""
+def path_ids_for(paths: tuple[int, ...], batch: int, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The forward's path id per row (int64 ``[batch]``, made on ``device`` by fills: no host-to-device copy)
+    and whether the prefix is used (``paths`` empty: the plain model, ids all 0 and unread). With k paths the
+    batch is k copies of the inputs, path-major."""
+    if not paths:
+        return torch.zeros(batch, dtype=torch.long, device=device), False
     k = len(paths)
     if batch % k:
         raise ValueError(f"pdf attention: batch of {batch} rows is not a multiple of the {k} active paths "
                          f"{paths} (inputs are repeated path-major)")
-    return torch.tensor(paths, device=device).repeat_interleave(batch // k)
+    return torch.cat([torch.full((batch // k,), p, dtype=torch.long, device=device) for p in paths]), True
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +104,9 @@ def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
     return bound
 
 
-def _paths_of(call: dict, layout: TextLayout) -> tuple[int, ...]:
-    """The paths of the forward this call belongs to, from the tag on what the stack handed every layer."""
+def _paths_of(call: dict, layout: TextLayout) -> tuple[torch.Tensor, bool]:
+    """The path ids of the forward this call belongs to and whether it uses the prefix, from what the stack
+    handed every layer."""
     if layout.own_rotary:
         positions = call.get("position_ids")
         paths = None if positions is None else getattr(positions.untyped_storage(), PATHS_ATTR, None)
@@ -110,11 +117,10 @@ def _paths_of(call: dict, layout: TextLayout) -> tuple[int, ...]:
     position_embeddings = call.get("position_embeddings")
     if position_embeddings is None:
         raise RuntimeError("pdf attention: the decoder layer passed no position_embeddings")
-    paths = getattr(position_embeddings[0], PATHS_ATTR, None)
-    if paths is None:
+    if len(position_embeddings) != 3:
         raise RuntimeError("pdf attention: these position embeddings were not made by the patched model's rotary "
                            "embedding (call the model or its language model, not a layer on its own)")
-    return paths
+    return position_embeddings[2]
 
 
 def _project(self: nn.Module, binding: Binding, hidden: torch.Tensor, call: dict):
@@ -133,7 +139,7 @@ def _project(self: nn.Module, binding: Binding, hidden: torch.Tensor, call: dict
     if layout.own_rotary:  # the module's own rotary embedding, from the position ids, as its forward calls it
         cos, sin = self.rotary_emb(value, call["position_ids"], seq_len=length)
     else:
-        cos, sin = call["position_embeddings"]
+        cos, sin = call["position_embeddings"][:2]
     cos, sin = _rotary(cos, sin, binding.mrope_section)
     return query * cos + _rotate_half(query) * sin, key * cos + _rotate_half(key) * sin, value
 
@@ -143,7 +149,7 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
     binding: Binding = self._pdf
     call = _arguments(binding.signature, args, kwargs)
     hidden = call[next(iter(binding.signature.parameters))]  # the first parameter in every version
-    paths = _paths_of(call, binding.layout)
+    path_ids, with_prefix = _paths_of(call, binding.layout)
     if getattr(self, "attention_dropout", 0.0) and self.training:
         raise NotImplementedError("pdf attention: attention dropout is not supported (the model has "
                                   f"attention_dropout={self.attention_dropout}); set it to 0")
@@ -165,27 +171,32 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
                                       "call the model with use_cache=False")
         cache.update(key, value, self.layer_idx)
     padding = key_padding_mask(call.get("attention_mask"), batch, length)
-    if paths:
+    if with_prefix:
         layer_prefix = binding.state.prefix[binding.layer].to(query.dtype)  # [N, 2, Hkv, K, D]
         prefix_k, prefix_v = layer_prefix[:, 0], layer_prefix[:, 1]
-        path_ids = path_ids_for(paths, batch, query.device)
     else:  # the plain model: no prefix keys
         prefix_k = prefix_v = query.new_zeros(1, key.shape[1], 0, head_dim)
-        path_ids = torch.zeros(batch, dtype=torch.long, device=query.device)
     # path ids come from paths use_paths validated: skip the per-layer range check (a device sync)
     out = prefix_attention_known_paths(query, key, value, prefix_k, prefix_v, path_ids, key_padding_mask=padding,
                                        causal=True, softmax_scale=getattr(self, "scaling", None))
     out = self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    binding.calls += 1
+    if not torch.compiler.is_compiling():  # a counter for prove_live; under compile it would guard every layer
+        binding.calls += 1
     return (out, None) if binding.outputs == 2 else (out, None, cache)
 
 
-def _tag_paths(rotary: nn.Module, args, output):
-    """Forward hook on the rotary embedding: a fresh cos view per forward, tagged with the active paths."""
+def _hidden_of(args, kwargs) -> torch.Tensor:
+    """The hidden states a rotary embedding is called with (``rotary(x, position_ids)``, by position or name)."""
+    if args:
+        return args[0]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
+
+
+def _add_paths(rotary: nn.Module, args, kwargs, output):
+    """Forward hook on the rotary embedding: ``(cos, sin, (path_ids, with_prefix))`` for this forward's batch."""
     cos, sin = output
-    cos = cos.view_as(cos)
-    setattr(cos, PATHS_ATTR, rotary._pdf_state.paths)
-    return cos, sin
+    hidden = _hidden_of(args, kwargs)
+    return cos, sin, path_ids_for(rotary._pdf_state.paths, hidden.shape[0], hidden.device)
 
 
 def _repeat_batch(name: str, value, k: int, batch: int):
@@ -219,19 +230,21 @@ def _repeat_for_paths(stack: nn.Module, args, kwargs):
 
 def _tag_position_ids(stack: nn.Module, args, kwargs):
     """Forward pre-hook on a stack whose attention modules compute their own rotary (Phi-3-V): fresh position
-    ids (the stack's default, ``arange(L)``, when none are given) whose storage is tagged with the active paths."""
+    ids (the stack's default, ``arange(L)``, when none are given) whose storage carries this forward's
+    ``(path_ids, with_prefix)``."""
     if args:
         raise RuntimeError("pdf attention: this language model must be called with keyword arguments")
+    reference = kwargs.get("input_ids")
+    reference = reference if reference is not None else kwargs.get("inputs_embeds")
+    if reference is None:
+        raise RuntimeError("pdf attention: the language model got neither input_ids nor inputs_embeds")
     positions = kwargs.get("position_ids")
     if positions is None:
-        reference = kwargs.get("input_ids")
-        reference = reference if reference is not None else kwargs.get("inputs_embeds")
-        if reference is None:
-            raise RuntimeError("pdf attention: the language model got neither input_ids nor inputs_embeds")
         positions = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
     else:
         positions = positions.clone()  # a storage of its own: the caller may reuse its tensor with other paths
-    setattr(positions.untyped_storage(), PATHS_ATTR, stack._pdf_state.paths)
+    paths = path_ids_for(stack._pdf_state.paths, reference.shape[0], reference.device)
+    setattr(positions.untyped_storage(), PATHS_ATTR, paths)
     return args, {**kwargs, "position_ids": positions}
 
 
@@ -252,7 +265,7 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
         stack._pdf_hooks = (repeat, stack.register_forward_pre_hook(_tag_position_ids, with_kwargs=True))
     else:
         stack.rotary_emb._pdf_state = state
-        stack._pdf_hooks = (repeat, stack.rotary_emb.register_forward_hook(_tag_paths))
+        stack._pdf_hooks = (repeat, stack.rotary_emb.register_forward_hook(_add_paths, with_kwargs=True))
     bindings = []
     for index, attn in enumerate(attentions):
         signature = inspect.signature(attn.forward)
