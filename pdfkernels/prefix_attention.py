@@ -12,14 +12,12 @@ partials are summed per sequence and then per path in a fixed order. No atomics 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 
 from . import backend
-from . import prefix_attention_torch as torch_path
 from . import prefix_attention_configs as configs
+from . import prefix_attention_torch as torch_path
 from .autocast import follows_autocast
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
@@ -255,7 +253,7 @@ def _fixed(buffers, grads):
 
 @torch.library.custom_op("pdfkernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
-                         prefix_v: torch.Tensor, path_ids: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                         prefix_v: torch.Tensor, path_ids: torch.Tensor, key_padding_mask: torch.Tensor | None,
                          causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if backend.use_triton_for("prefix_attention", q):
         return _triton_forward(q, k, v, prefix_k, prefix_v, path_ids, None, key_padding_mask, q.shape[2], causal,
@@ -272,7 +270,7 @@ def _(q, k, v, prefix_k, prefix_v, path_ids, key_padding_mask, causal, scale):
 @torch.library.custom_op("pdfkernels::prefix_attention_backward", mutates_args=())
 def _prefix_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   prefix_k: torch.Tensor, prefix_v: torch.Tensor, path_ids: torch.Tensor,
-                                  key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                                  key_padding_mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
                                   causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                        torch.Tensor, torch.Tensor]:
     if backend.use_triton_for("prefix_attention", q):

@@ -74,7 +74,8 @@ def main() -> None:
         model = build(kind)
         inputs = text_inputs(model, 2, 12)
         for paths in ([0, 1], 0, None):
-            print(f"encode {kind:10s} paths={paths!s:6s} {breaks(lambda p=paths: models.encode(model, inputs, p))}")
+            found = breaks(lambda m=model, x=inputs, p=paths: models.encode(m, x, p))
+            print(f"encode {kind:10s} paths={paths!s:6s} {found}")
     if args.skip_timing:
         return
     model = build("qwen2vl")
@@ -93,7 +94,7 @@ def main() -> None:
             for _ in range(3):
                 fn(inputs)  # compile and warm up
         reference = encode(inputs)
-        for name, fn in runners.items():
+        for fn in runners.values():
             torch.testing.assert_close(fn(inputs), reference)
         for _ in range(args.repeats):
             for name, fn in runners.items():
