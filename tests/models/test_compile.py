@@ -43,8 +43,9 @@ def _loss_and_grads(fn, model, inputs):
     return out.detach(), weights, grads
 
 
-@pytest.mark.parametrize("backend_name", ["eager", "aot_eager"])
-@pytest.mark.parametrize("paths", [[0, 1], 1, None], ids=["two-paths", "one-path", "no-prefix"])
+@pytest.mark.parametrize("paths,backend_name",
+                         [([0, 1], "eager"), (1, "eager"), (None, "eager"), ([0, 1], "aot_eager")],
+                         ids=["two-paths", "one-path", "no-prefix", "two-paths-aot"])
 def test_encode_compiles_in_one_graph_and_equals_eager(model, paths, backend_name):
     torch._dynamo.reset()
     inputs = _text_batch(model, [5, 7, 3])
