@@ -1,7 +1,10 @@
-"""The PyTorch path of prefix attention (CPU default): the math written out, forward and backward, in fp32 (fp64
-for fp64 inputs). Explicit formulas rather than autograd over SDPA because they run inside a registered op,
-below autograd. Same semantics as ``reference.prefix_attention``: every query sees its row's path prefix and its
-own visible keys in one softmax; a query row that sees no key gives zeros."""
+"""The PyTorch path of prefix attention (CPU default), forward and backward, in fp32 (fp64 for fp64 inputs).
+
+It runs inside a registered op, below autograd, so the backward is explicit: on CPU tensors ATen's fused CPU
+attention (``_scaled_dot_product_flash_attention_for_cpu`` and its backward, what SDPA runs on a CPU) on the
+concatenated keys with an additive mask; elsewhere (``PDFKERNELS_BACKEND=torch`` on a GPU) the math written
+out. Same semantics as ``reference.prefix_attention``: every query sees its row's path prefix and its own
+visible keys in one softmax; a query row that sees no key gives zeros."""
 
 from __future__ import annotations
 
@@ -16,6 +19,20 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _fused(q: torch.Tensor) -> bool:
+    return _FUSED is not None and _FUSED_BACKWARD is not None and q.device.type == "cpu"
+
+
+def _bias(q, num_prefix: int, mask, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[B or 1, 1, L, K + L]`` mask: 0 where visible, -inf elsewhere (prefix always visible)."""
+    visible = _visible(q, num_prefix, mask, causal)
+    return torch.zeros(visible.shape, dtype=dtype, device=q.device).masked_fill(~visible, float("-inf"))
+
+
 def _keys(q, k, v, pk, pv, path_ids):
     """Prefix then own keys and values, repeated over each GQA group: ``[B, H, K + L, D]`` in fp32."""
     acc, group = _acc(q), q.shape[1] // k.shape[1]
@@ -25,14 +42,14 @@ def _keys(q, k, v, pk, pv, path_ids):
 
 
 def _visible(q, num_prefix: int, mask, causal: bool) -> torch.Tensor:
+    """``[B or 1, 1, L, K + L]`` bool: query i sees every prefix key and its own keys j <= i (causal)."""
     length = q.shape[2]
-    own = torch.ones(length, length, dtype=torch.bool, device=q.device)
-    own = own.tril() if causal else own
-    own = own[None, None].expand(q.shape[0], 1, length, length)
+    visible = torch.ones(length, num_prefix + length, dtype=torch.bool, device=q.device)
+    visible = visible.tril(num_prefix)[None, None] if causal else visible[None, None]
     if mask is not None:
-        own = own & mask[:, None, None, :]
-    prefix = torch.ones(q.shape[0], 1, length, num_prefix, dtype=torch.bool, device=q.device)
-    return torch.cat([prefix, own], dim=-1)  # [B, 1, L, K + L]
+        prefix = torch.ones(mask.shape[0], num_prefix, dtype=torch.bool, device=q.device)
+        visible = visible & torch.cat([prefix, mask], dim=1)[:, None, None, :]
+    return visible
 
 
 def _probabilities(q, keys, visible, scale: float, lse: torch.Tensor | None = None):
@@ -47,6 +64,10 @@ def _probabilities(q, keys, visible, scale: float, lse: torch.Tensor | None = No
 def forward(q, k, v, pk, pv, path_ids, mask, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (q's dtype) and the log-sum-exp ``[B, H, L]`` of each query's scores (fp32; fp64 for fp64)."""
     keys, values = _keys(q, k, v, pk, pv, path_ids)
+    if _fused(q):
+        bias = _bias(q, pk.shape[2], mask, causal, keys.dtype)
+        out, lse = _FUSED(q.to(keys.dtype), keys, values, 0.0, False, attn_mask=bias, scale=scale)
+        return out.to(q.dtype), lse.contiguous()
     p, lse = _probabilities(q, keys, _visible(q, pk.shape[2], mask, causal), scale)
     return (p @ values).to(q.dtype), lse
 
@@ -55,15 +76,21 @@ def backward(do, q, k, v, pk, pv, path_ids, mask, out, lse, causal: bool, scale:
     """dq, dk, dv, dprefix_k, dprefix_v (each in its input's dtype) from the forward's output and log-sum-exp."""
     keys, values = _keys(q, k, v, pk, pv, path_ids)
     acc = keys.dtype
-    p, _ = _probabilities(q, keys, _visible(q, pk.shape[2], mask, causal), scale, lse.to(acc))
-    do, out = do.to(acc), out.to(acc)
-    delta = (do * out).sum(-1, keepdim=True)
-    ds = p * (do @ values.transpose(-1, -2) - delta)
-    dq = (ds @ keys) * scale
     b, hkv, num_prefix = k.shape[0], k.shape[1], pk.shape[2]
     group = q.shape[1] // hkv
-    dkeys = ((ds.transpose(-1, -2) @ q.to(acc)) * scale).view(b, hkv, group, *keys.shape[2:]).sum(2)
-    dvalues = (p.transpose(-1, -2) @ do).view(b, hkv, group, *keys.shape[2:]).sum(2)
+    do, out = do.to(acc), out.to(acc)
+    if _fused(q):
+        bias = _bias(q, num_prefix, mask, causal, acc)
+        dq, dkeys, dvalues = _FUSED_BACKWARD(do, q.to(acc), keys, values, out, lse.to(acc), 0.0, False,
+                                             attn_mask=bias, scale=scale)
+    else:
+        p, _ = _probabilities(q, keys, _visible(q, num_prefix, mask, causal), scale, lse.to(acc))
+        ds = p * (do @ values.transpose(-1, -2) - (do * out).sum(-1, keepdim=True))
+        dq = (ds @ keys) * scale
+        dkeys = (ds.transpose(-1, -2) @ q.to(acc)) * scale
+        dvalues = p.transpose(-1, -2) @ do
+    dkeys = dkeys.reshape(b, hkv, group, *keys.shape[2:]).sum(2)  # the GQA group's query heads, summed
+    dvalues = dvalues.reshape(b, hkv, group, *keys.shape[2:]).sum(2)
     # per path: a masked sum over the rows of that path (deterministic, no index_add atomics on any device)
     owner = (torch.arange(pk.shape[0], device=q.device)[:, None] == path_ids[None, :]).to(acc)  # [N, B]
     dpk = torch.einsum("nb,bhkd->nhkd", owner, dkeys[:, :, :num_prefix])
