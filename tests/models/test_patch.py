@@ -205,3 +205,31 @@ def test_a_sliding_window_shorter_than_the_sequence_is_refused():
     inputs = build_inputs("llava-next-mistral", model, "left")
     with pytest.raises(NotImplementedError, match="sliding window"), torch.no_grad():
         models.encode(model, inputs, 0)
+
+
+def test_path_ids_are_built_once_per_forward_on_the_device(monkeypatch):
+    """Every layer reads the one path-id tensor its forward built (not one per layer from the tuple)."""
+    from pdfkernels.models import attention
+
+    model = models.apply_pdf(build_model("qwen2vl"), num_paths=2, prefix_len=3)
+    inputs = build_inputs("qwen2vl", model, "left")
+    built, seen = [], []
+    original_ids, original_attention = attention.path_ids_for, attention.prefix_attention_known_paths
+
+    def counting_ids(*args):
+        built.append(original_ids(*args))
+        return built[-1]
+
+    def recording_attention(q, k, v, pk, pv, path_ids, **kwargs):
+        seen.append(path_ids)
+        return original_attention(q, k, v, pk, pv, path_ids, **kwargs)
+
+    monkeypatch.setattr(attention, "path_ids_for", counting_ids)
+    monkeypatch.setattr(attention, "prefix_attention_known_paths", recording_attention)
+    with torch.no_grad():
+        models.encode(model, inputs, [1, 0])
+    layers = len(attention_modules(decoder_stack(hf_model(model))))
+    assert len(built) == 1 and len(seen) == layers >= 2
+    assert all(ids is built[0][0] for ids in seen)
+    batch = inputs["input_ids"].shape[0]
+    assert built[0][0].tolist() == [1] * batch + [0] * batch and built[0][1] is True
