@@ -341,7 +341,7 @@ def _saved(ctx):
 def _backward_padded(ctx, do, _dlse):
     (q, k, v, pk, pv, path_ids, mask, causal, scale), out, lse = _saved(ctx)
     if torch.is_grad_enabled() and not backend.use_triton_for("prefix_attention", q):  # create_graph=True
-        grads = _differentiable_grads(lambda *t: torch_path.forward(*t, path_ids, mask, causal, scale), do,
+        grads = _differentiable_grads(lambda *t: torch_path.forward(*t, path_ids, mask, causal, scale, True), do,
                                       [q, k, v, pk, pv])
     else:
         grads = torch.ops.pdfkernels.prefix_attention_backward(do, q, k, v, pk, pv, path_ids, mask, out, lse, causal,
@@ -354,7 +354,8 @@ def _backward_padded(ctx, do, _dlse):
 def _backward_varlen(ctx, do, _dlse):
     (q, k, v, pk, pv, cu, max_seqlen, path_ids, causal, scale), out, lse = _saved(ctx)
     if torch.is_grad_enabled() and not backend.use_triton_for("prefix_attention_varlen", q):
-        grads = _differentiable_grads(lambda *t: torch_path.forward_varlen(*t, cu, path_ids, causal, scale), do,
+        grads = _differentiable_grads(lambda *t: torch_path.forward_varlen(*t, cu, path_ids, causal, scale, True),
+                                      do,
                                       [q, k, v, pk, pv])
     else:
         grads = torch.ops.pdfkernels.prefix_attention_varlen_backward(do, q, k, v, pk, pv, cu, max_seqlen, path_ids,

@@ -61,10 +61,13 @@ def _probabilities(q, keys, visible, scale: float, lse: torch.Tensor | None = No
     return torch.where(visible, torch.exp(scores - safe[..., None]), torch.zeros_like(scores)), lse
 
 
-def forward(q, k, v, pk, pv, path_ids, mask, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (q's dtype) and the log-sum-exp ``[B, H, L]`` of each query's scores (fp32; fp64 for fp64)."""
+def forward(q, k, v, pk, pv, path_ids, mask, causal: bool, scale: float,
+            differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (q's dtype) and the log-sum-exp ``[B, H, L]`` of each query's scores (fp32; fp64 for fp64).
+    ``differentiable``: the math written out, which autograd differentiates twice (the fused kernel's backward
+    has no derivative): for second-order gradients."""
     keys, values = _keys(q, k, v, pk, pv, path_ids)
-    if _fused(q):
+    if _fused(q) and not differentiable:
         bias = _bias(q, pk.shape[2], mask, causal, keys.dtype)
         out, lse = _FUSED(q.to(keys.dtype), keys, values, 0.0, False, attn_mask=bias, scale=scale)
         return out.to(q.dtype), lse.contiguous()
@@ -108,13 +111,13 @@ def _padded(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     return t[a:b].transpose(0, 1)[None]  # [T, H, D] slice -> [1, H, L, D]
 
 
-def forward_varlen(q, k, v, pk, pv, cu_seqlens, path_ids, causal: bool, scale: float):
+def forward_varlen(q, k, v, pk, pv, cu_seqlens, path_ids, causal: bool, scale: float, differentiable: bool = False):
     """Packed layout: output ``[T, H, D]`` and log-sum-exp ``[T, H]``, one sequence at a time."""
     out = torch.zeros_like(q)
     lse = torch.zeros(q.shape[:2], dtype=_acc(q), device=q.device)
     for s, a, b in _sequences(cu_seqlens):
         o, m = forward(_padded(q, a, b), _padded(k, a, b), _padded(v, a, b), pk, pv, path_ids[s:s + 1], None, causal,
-                       scale)
+                       scale, differentiable)
         out[a:b], lse[a:b] = o[0].transpose(0, 1), m[0].transpose(0, 1)
     return out, lse
 
