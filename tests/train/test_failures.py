@@ -59,7 +59,7 @@ def test_diverging_run_stops_naming_step_and_term_keeps_finite_checkpoints(data,
     kept = checkpoint.checkpoints(tmp_path / "checkpoints")
     assert kept, "the last finite checkpoint was pruned"
     for path in kept:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
     assert not (tmp_path / "pdf.safetensors").exists() and not (tmp_path / "eval.json").exists()
     lines = _strict_lines(tmp_path / "metrics.jsonl")
