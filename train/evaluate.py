@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pdfkernels import models
 
 from .data import Collator, ImageLoader
-from .loader import default_workers, interruptible
+from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
 from .rows import load_eval_rows
@@ -93,9 +93,9 @@ def encode_items(model, collator: Collator, items: list[Item], loader: ImageLoad
     batches = ItemBatches(mine, loader, collator, config.eval_batch_size)
     workers = default_workers() if config.num_workers is None else config.num_workers
     data = DataLoader(batches, batch_size=None, num_workers=workers if len(batches) > 1 else 0,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_signals)
     out: dict[str, list] = {m: [] for m in modes(config)}
-    for prepared in tqdm(interruptible(data, should_stop), total=len(batches), desc=desc, disable=rank != 0,
+    for prepared in tqdm(interruptible(iterate(data), should_stop), total=len(batches), desc=desc, disable=rank != 0,
                          leave=False):
         inputs = {k: v.to(device, non_blocking=True) for k, v in collator.assemble(prepared).items()}
         for paths, group in mode_groups(config):

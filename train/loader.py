@@ -8,13 +8,23 @@ Item ``step`` of ``StepShares`` is rank r's positions ``[r * B/world, (r + 1) * 
 the single-process sampler draws. Bad images follow ``--bad-images``: ``error`` stops at the first, naming
 the file; ``skip`` replaces the row (a replacement draw of its own per position) and counts it; the counts
 of all workers are summed here, and the run stops when the bad fraction passes ``--max-bad-fraction`` or
-one position finds no readable row in ``MAX_ATTEMPTS`` draws (a wrong ``--image-dir``)."""
+one position finds no readable row in ``MAX_ATTEMPTS`` draws (a wrong ``--image-dir``).
+
+Signals: a terminal's Ctrl-C, Slurm and ``timeout`` signal the whole process group, workers included. The
+workers ignore SIGINT and SIGTERM (``iterate``), so that the training process alone decides how to stop
+(train/signals.py: checkpoint, exit 130) and its next batch still arrives; it stops the workers itself when
+it is done with them, killing any that does not exit (also at interpreter exit, where multiprocessing would
+otherwise wait for a worker that ignores its SIGTERM)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+import signal
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +38,59 @@ MIN_LOADS_FOR_FRACTION = 32  # the bad fraction is judged once this many rows we
 
 class BadData(RuntimeError):
     pass
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # iterators whose workers are running
+
+
+def ignore_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: this worker ignores SIGINT/SIGTERM (blocked since its fork, see ``iterate``)."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT/SIGTERM blocked in this thread while workers are forked (a fork inherits the mask, so none
+    reaches a worker before ``ignore_signals``); one that came meanwhile is delivered here afterwards."""
+    can_block = hasattr(signal, "pthread_sigmask")  # POSIX
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) if can_block else None
+    try:
+        yield
+    finally:
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(iterator) -> None:
+    _LIVE.discard(iterator)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()  # torch's own: asks the workers to end, joins them, then sends SIGTERM (ignored)
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+@atexit.register  # registered after multiprocessing's exit hook, so it runs first
+def _stop_all_workers() -> None:
+    for iterator in list(_LIVE):
+        _stop_workers(iterator)
+
+
+def iterate(loader: Iterable) -> Iterator:
+    """Items of a ``DataLoader`` built with ``worker_init_fn=ignore_signals``; its workers are stopped when
+    the loop ends, however it ends."""
+    with _signals_held():
+        iterator = iter(loader)
+    _LIVE.add(iterator)
+    try:
+        yield from iterator
+    finally:
+        _stop_workers(iterator)
 
 
 def default_workers() -> int:
@@ -87,7 +150,7 @@ class TrainBatches:
         cuda = self.device.type == "cuda"
         self.loader = DataLoader(shares, batch_size=None, sampler=range(start, steps), num_workers=num_workers,
                                  pin_memory=cuda, prefetch_factor=2 if num_workers else None,
-                                 persistent_workers=False)
+                                 persistent_workers=False, worker_init_fn=ignore_signals)
 
     def _to_device(self, prepared: dict) -> dict:
         inputs = self.shares.collator.assemble(prepared)
@@ -106,7 +169,7 @@ class TrainBatches:
                           f"--image-dir")
 
     def __iter__(self) -> Iterator[tuple[int, list[dict], list[dict]]]:
-        for item in self.loader:
+        for item in iterate(self.loader):
             self._count(item)
             yield (item["step"], [self._to_device(c) for c in item["queries"]],
                    [self._to_device(c) for c in item["targets"]])

@@ -140,10 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
                 with guard.interruptible():
                     item = next(batches, None)
             except signals.Interrupted as stop:
-                if saved[-1] < done:
+                wrote = saved[-1] < done
+                if wrote:
                     save(done)
-                log.info("stopping on %s while loading a batch (state after step %d checkpointed)",
-                         signal.Signals(stop.signum).name, done)
+                log.info("stopping on %s while loading a batch (%s)", signal.Signals(stop.signum).name,
+                         signals.saved_message(done, start, wrote))
                 sys.exit(130)
             if item is None:
                 break
