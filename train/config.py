@@ -50,6 +50,7 @@ class TrainConfig:
     subset_weights: list[float] = field(default_factory=list)  # per-subset sampling weights (default uniform)
     eval_data: list[str] = field(default_factory=list)
     image_dir: str = ""
+    allow_outside_images: bool = False  # read image paths leading out of image_dir (absolute, '..', symlinks)
     bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"

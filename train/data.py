@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+from . import images
+from .images import BadImage
 from .rows import IMAGE_PLACEHOLDER
 
 log = logging.getLogger("pdf.data")
@@ -25,25 +26,18 @@ __all__ = ["IMAGE_PLACEHOLDER", "BadImage", "ImageLoader", "TrainSampler", "Coll
            "LlavaCollator"]
 
 
-class BadImage(Exception):
-    pass
-
-
 @dataclass
 class ImageLoader:
-    """Loads ``image_dir/path`` as RGB; a missing or corrupt file raises ``BadImage`` naming it."""
+    """Loads ``image_dir/path`` as RGB (train/images.py); a missing, corrupt, outside or unusable file raises
+    ``BadImage`` naming it."""
 
     image_dir: str
+    allow_outside: bool = False
 
     def __call__(self, path: str) -> Image.Image | None:
         if not path:
             return None
-        full = Path(self.image_dir) / path
-        try:
-            with Image.open(full) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise BadImage(f"image {full}: {type(exc).__name__}: {exc}") from exc
+        return images.load(self.image_dir, path, self.allow_outside)
 
 
 def _seed(*parts: int) -> int:
@@ -117,7 +111,8 @@ class Collator:
                                  f"{IMAGE_PLACEHOLDER} but {'an' if img is not None else 'no'} image")
         images = [img for _, img in examples if img is not None]
         processed, counts = self.images(images) if images else ({}, [])
-        parts = [[self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a typed "<|image_pad|>" is text, never the backbone's image token
+        parts = [[self.tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
                   for p in text.split(IMAGE_PLACEHOLDER)] for text, _ in examples]
         return {"parts": parts, "images": processed, "counts": counts}
 

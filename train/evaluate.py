@@ -144,7 +144,7 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     """Every ``config.eval_data`` subset on all ranks; rank 0 writes ``eval.json`` and ``eval.md``."""
     was_training = model.training
     model.eval()
-    loader = ImageLoader(config.image_dir)
+    loader = ImageLoader(config.image_dir, config.allow_outside_images)
     results: dict = {}
     for path in config.eval_data:
         rows = load_eval_rows(path)

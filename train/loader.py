@@ -191,7 +191,8 @@ def train_batches(config, collator: Collator, rank: int, world_size: int, start:
 
     subsets = [load_train_rows(p, config.bad_rows) for p in config.train_data]
     sampler = TrainSampler(subsets, config.subset_weights or None, config.seed)
-    shares = StepShares(sampler, ImageLoader(config.image_dir), collator, config.global_batch, rank, world_size,
+    images = ImageLoader(config.image_dir, config.allow_outside_images)
+    shares = StepShares(sampler, images, collator, config.global_batch, rank, world_size,
                         config.chunk_size, config.bad_images)
     workers = default_workers() if config.num_workers is None else config.num_workers
     return TrainBatches(shares, start, config.steps, device, workers, config.max_bad_fraction)

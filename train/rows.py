@@ -63,6 +63,9 @@ def _image(row: dict, key: str, where: str) -> str:
 
 
 def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> None:
+    if not image and not text.strip():  # no token at all: the row's embedding would have no input
+        raise BadRow(f"{where}: '{text_key}' is {'empty' if not text else 'whitespace only'} and '{image_key}' "
+                     f"is empty: nothing to embed")
     if text.count(IMAGE_PLACEHOLDER) > 1:
         raise BadRow(f"{where}: '{text_key}' has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER}; one image "
                      f"per side is supported")
