@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress.close()
         if metrics_log is not None:
             metrics_log.close()
+        outdir.release(out)
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"history": history, "eval": results}
