@@ -160,11 +160,12 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     configs.launch(kernel, options, _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device,
                    head_dim, causal, layout.varlen, has_mask,
                    lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args)
-    one_hot = torch.nn.functional.one_hot(path_ids, num_paths).T.float()[:, :, None]  # [N, S, 1]
+    # a select, not a product with a one-hot: 0 * NaN is NaN, and one path's NaN must not reach another path
+    of_path = torch.nn.functional.one_hot(path_ids, num_paths).T.bool()[:, :, None]  # [N, S, 1]
     per_path = []
     for part in (dpk_part, dpv_part):
         per_seq = part[:, :, :, :num_prefix, :head_dim].sum(2).flatten(1)  # [S, Hkv * K * D]
-        summed = (one_hot * per_seq[None]).sum(1).view(num_paths, hkv, num_prefix, head_dim)
+        summed = torch.where(of_path, per_seq[None], 0.0).sum(1).view(num_paths, hkv, num_prefix, head_dim)
         per_path.append(summed.to(pk.dtype))
     dpk, dpv = per_path
     return dq, dk, dv, dpk, dpv
