@@ -215,10 +215,12 @@ def restore(path: str | Path, parts, state: dict | None = None) -> int:
             params[name].copy_(value)
     if parts.aggregator is not None:
         parts.aggregator.load_state_dict(state["aggregator"])
-    if parts.estimator is not None:
+    if parts.estimator is not None and state.get("estimator") is None:  # --track-mi added on resume
+        log.warning("checkpoint %s holds no vCLUB estimator (it trained none): the estimator starts fresh", path)
+    elif parts.estimator is not None:
         parts.estimator.load_state_dict(state["estimator"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.estimator_optimizer is not None:
+    if parts.estimator_optimizer is not None and state.get("estimator_optimizer") is not None:
         parts.estimator_optimizer.load_state_dict(state["estimator_optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])

@@ -77,7 +77,8 @@ class TrainConfig:
             self.lambda_mim = 0.0
         if self.no_path_loss:
             self.lambda_con = 0.0
-        for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
+        for name, low in (("num_paths", 1), ("prefix_len", 0), ("lambda_mim", 0), ("lambda_con", 0),
+                          ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
                           ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
                           ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0),
                           ("estimator_steps", 1), ("mi_negative_run", 1), ("mi_warn_every", 1)):
@@ -104,6 +105,26 @@ class TrainConfig:
         if self.subset_weights and len(self.subset_weights) != len(self.train_data):
             raise ValueError(f"config: 'subset_weights' expected one weight per train_data file "
                              f"({len(self.train_data)}), got {len(self.subset_weights)}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings that are each valid but cannot work together, or would fail only at the first step."""
+        if self.num_paths == 1 and self.lambda_mim > 0:
+            raise ValueError(f"config: 'lambda_mim' ({self.lambda_mim}) needs 'num_paths' >= 2 (MIM is between "
+                             f"paths; with one path it would be silently off): pass --lambda-mim 0, --prefix-only "
+                             f"or --num-paths 2")
+        if self.num_paths == 1 and self.track_mi:
+            raise ValueError("config: 'track_mi' needs 'num_paths' >= 2 (the MI estimate is between paths)")
+        if self.num_paths > 1 and self.prefix_len == 0:
+            raise ValueError(f"config: 'num_paths' {self.num_paths} needs 'prefix_len' >= 1 (the paths differ only "
+                             f"by their prefixes); --baseline trains without a prefix")
+        weights = self.subset_weights
+        if weights and not (all(0 <= w < float("inf") for w in weights) and sum(weights) > 0):
+            raise ValueError(f"config: 'subset_weights' expected finite weights >= 0 with a positive sum, got "
+                             f"{weights}")
+        # the sampler seeds a torch.Generator with seed * 1_000_003 + step, which must stay below 2**64
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
 
     @property
     def uses_mim(self) -> bool:

@@ -42,6 +42,7 @@ from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .progress import Progress
+from .rows import load_eval_rows
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     if not config.train_data:
         default_data(config, rank)
+    if config.evaluate:  # a missing or malformed eval file stops now, not after the training
+        for path in config.eval_data:
+            load_eval_rows(path)
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
