@@ -89,6 +89,14 @@ def prepare(config, rank: int) -> str:
         raise OutDirError(f"out_dir {out} is a file, expected a folder")
     if rank == 0:
         lock(out)
+    try:
+        return _prepare_locked(config, rank, out)
+    except BaseException:
+        release(out)  # refused: the folder is free again for whoever comes next
+        raise
+
+
+def _prepare_locked(config, rank: int, out: Path) -> str:
     found = earlier_outputs(out) if out.exists() else []
     if found and not (config.resume or config.overwrite):
         raise OutDirError(f"out_dir {out} holds an earlier run ({', '.join(found)}): pass --resume to continue "

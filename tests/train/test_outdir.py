@@ -55,3 +55,31 @@ def test_an_unreadable_run_json_is_a_clear_refusal(data, tmp_path, content):
     (tmp_path / outdir.RUN_FILE).write_bytes(content.encode("latin-1"))
     with pytest.raises(outdir.OutDirError, match=r"run.json (is unreadable|names no run).*--overwrite"):
         run.main(run_args(data, tmp_path, "--steps", "2", "--resume", "--no-evaluate", "--num-workers", "0"))
+
+
+def _free(out) -> bool:
+    """Whether another open file description can take the folder's lock now (flock: even in this process)."""
+    import fcntl
+
+    fd = os.open(out / outdir.LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_the_lock_is_held_while_preparing_and_given_up_when_refused_or_done(data, tmp_path):
+    from pdfkernels.train.config import TrainConfig
+
+    outdir.lock(tmp_path)
+    assert not _free(tmp_path)
+    outdir.release(tmp_path)
+    assert _free(tmp_path)
+    run.main(run_args(data, tmp_path, "--steps", "1", "--no-evaluate", "--num-workers", "0"))
+    assert _free(tmp_path)  # released at the end of the run
+    with pytest.raises(outdir.OutDirError, match="holds an earlier run"):
+        outdir.prepare(TrainConfig(out_dir=str(tmp_path)), rank=0)
+    assert _free(tmp_path)  # a refused run leaves the folder free
