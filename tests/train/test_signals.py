@@ -22,6 +22,19 @@ def data(tmp_path_factory):
     return shapes_data(tmp_path_factory.getbasetemp())
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc (field 5 of stat is the group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
 def _steps_logged(path: Path) -> list[int]:
     if not path.exists():
         return []
@@ -42,7 +55,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_130(data, tmp
             assert time.monotonic() < deadline, "the trainer logged no steps in time"
             time.sleep(0.2)
         assert child.poll() is None, child.communicate()[1][-2000:]
-        workers = subprocess.run(["pgrep", "-g", str(child.pid)], capture_output=True, text=True).stdout.split()
+        workers = group_members(child.pid)
         assert len(workers) >= 3, f"expected the trainer and its 2 workers in the group, got {workers}"
         os.killpg(child.pid, signum)  # every process of the group, workers included
         _, err = child.communicate(timeout=240)
@@ -55,7 +68,7 @@ def test_a_signal_to_the_whole_process_group_checkpoints_and_exits_130(data, tmp
     saved = checkpoint.latest(out / "checkpoints")
     assert saved is not None, "no checkpoint written on the signal"
     assert checkpoint.step_of(saved) == _steps_logged(out / "metrics.jsonl")[-1]  # the last step is kept
-    left = subprocess.run(["pgrep", "-g", str(child.pid)], capture_output=True, text=True).stdout.split()
+    left = group_members(child.pid)
     assert not left, f"processes of the run still alive: {left}"
 
 
