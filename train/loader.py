@@ -8,7 +8,8 @@ Item ``step`` of ``StepShares`` is rank r's positions ``[r * B/world, (r + 1) * 
 the single-process sampler draws. Bad images follow ``--bad-images``: ``error`` stops at the first, naming
 the file; ``skip`` replaces the row (a replacement draw of its own per position) and counts it; the counts
 of all workers are summed here, and the run stops when the bad fraction passes ``--max-bad-fraction`` or
-one position finds no readable row in ``MAX_ATTEMPTS`` draws (a wrong ``--image-dir``).
+one position finds no readable row in ``MAX_ATTEMPTS`` draws (a wrong ``--image-dir``). An image that the
+image processor refuses is a bad image too: when a chunk fails, its share is redone checking row by row.
 
 Signals: a terminal's Ctrl-C, Slurm and ``timeout`` signal the whole process group, workers included. The
 workers ignore SIGINT and SIGTERM (``iterate``), so that the training process alone decides how to stop
@@ -112,11 +113,23 @@ class StepShares(Dataset):
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.chunk_size, self.policy = chunk_size, policy
 
-    def _row(self, step: int, position: int, row: dict, stats: dict):
+    def _processable(self, pair, row: dict) -> None:
+        """``BadImage`` when the image processor refuses an image of ``pair`` on its own."""
+        for key, (text, img) in zip(("qry_image_path", "pos_image_path"), pair):
+            if img is not None:
+                try:
+                    self.collator.prepare([(text, img)])
+                except ValueError as exc:
+                    raise BadImage(f"image {row[key]}: the image processor refused it: {exc}") from exc
+
+    def _row(self, step: int, position: int, row: dict, stats: dict, check: bool = False):
         for attempt in range(MAX_ATTEMPTS + 1):
             stats["loads"] += 1
             try:
-                return example(row, self.loader)
+                pair = example(row, self.loader)
+                if check:
+                    self._processable(pair, row)
+                return pair
             except BadImage as exc:
                 if self.policy == "error":
                     raise BadData(f"bad training image (run with --bad-images skip to skip it): {exc}") from None
@@ -130,9 +143,15 @@ class StepShares(Dataset):
         share = self.global_batch // self.world_size
         first = self.rank * share
         plan = self.sampler.plan(step, self.global_batch)[first:first + share]
+        try:
+            return self._share(step, plan, first, check=False)
+        except ValueError:  # an image the processor refuses (found only now): the share again, row by row
+            return self._share(step, plan, first, check=True)
+
+    def _share(self, step: int, plan: list[dict], first: int, check: bool) -> dict:
         stats = {"loads": 0, "bad": 0, "first_bad": ""}
-        pairs = [self._row(step, first + i, row, stats) for i, row in enumerate(plan)]
-        size = self.chunk_size
+        pairs = [self._row(step, first + i, row, stats, check) for i, row in enumerate(plan)]
+        size, share = self.chunk_size, len(plan)
         return {"step": step, **stats,
                 "queries": [self.collator.prepare([q for q, _ in pairs[i:i + size]]) for i in range(0, share, size)],
                 "targets": [self.collator.prepare([t for _, t in pairs[i:i + size]]) for i in range(0, share, size)]}

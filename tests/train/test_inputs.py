@@ -77,3 +77,40 @@ def test_bad_images_and_typed_special_tokens_train_and_evaluate_to_the_end(data,
     assert result["history"][-1]["bad_images"] > 0  # the strip and the bomb were drawn and skipped
     assert torch.isfinite(torch.tensor([m["loss"] for m in result["history"]])).all()
     assert set(result["eval"]["eval"]) >= {"single", "aggregate", "none"}
+
+
+class _Refusing:
+    """An image processor that refuses images 31 pixels wide, as a real one refuses what it cannot resize."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, images, **kwargs):
+        if any(img.width == 31 for img in images):
+            raise ValueError("cannot process an image 31 pixels wide")
+        return self.inner(images=images, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_an_image_the_processor_refuses_is_a_bad_image(data, tmp_path, policy):
+    from pdfkernels.train.data import ImageLoader, TrainSampler
+    from pdfkernels.train.loader import BadData, StepShares
+
+    images = tmp_path / "images"
+    shutil.copytree(data / "images", images)
+    Image.new("RGB", (31, 32), "red").save(images / "narrow.png")
+    rows = load_train_rows(str(data / "train" / "t2i.jsonl"))[:6]
+    rows = [{**rows[0], "pos_image_path": "narrow.png"}] + rows[1:]
+    tokenizer = local_tokenizer(synthetic.all_words())
+    config = tiny_qwen2vl(len(tokenizer))
+    set_special_ids(config, tokenizer)
+    collator = Qwen2VLCollator(tokenizer, _Refusing(image_processor(32)), config)
+    shares = StepShares(TrainSampler([rows], None, 0), ImageLoader(str(images)), collator, 6, 0, 1, 3, policy)
+    step = next(s for s in range(50) if any(r["pos_image_path"] == "narrow.png" for r in shares.sampler.plan(s, 6)))
+    if policy == "error":
+        with pytest.raises(BadData, match=r"narrow.png: the image processor refused it"):
+            shares[step]
+        return
+    item = shares[step]
+    assert item["bad"] >= 1 and "narrow.png" in item["first_bad"]
+    assert all(chunk["images"]["image_grid_thw"].shape[0] == 3 for chunk in item["targets"])  # full chunks
