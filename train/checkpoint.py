@@ -13,6 +13,7 @@ Pruning only ever removes this run's older checkpoints, and a checkpoint is neve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -87,7 +88,7 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
     tmp = folder / f".step_{step:07d}.pt.tmp"
     record_tmp = folder / f".step_{step:07d}.pt.json.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, _crc32_on():
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -107,6 +108,21 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
         raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
     _prune(folder, keep, run_id)
     return path
+
+
+@contextlib.contextmanager
+def _crc32_on():
+    """torch.save with the zip CRC-32s computed (``load_latest_intact`` checks them) even where the user's
+    code turned them off (``torch.serialization.set_crc32_options(False)``, for speed)."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    previous = get() if get is not None else True
+    if not previous:
+        torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        if not previous:
+            torch.serialization.set_crc32_options(False)
 
 
 def _disk_full(error: BaseException | None) -> bool:

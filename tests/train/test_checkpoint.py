@@ -76,3 +76,15 @@ def test_an_intact_checkpoint_without_its_record_still_loads(tmp_path):
     path, state = checkpoint.load_latest_intact(tmp_path)
     assert path.name == "step_0000003.pt"
     assert torch.equal(state["model"]["weight"], parts.model.weight.detach())
+
+
+def test_checkpoints_carry_crc32s_even_when_the_user_turned_them_off(tmp_path):
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)  # a user's speed setting must not make checkpoints "damaged"
+    try:
+        checkpoint.save(tmp_path, 1, _parts(), TrainConfig(), keep=0, run_id="r")
+        assert not torch.serialization.get_crc32_options()  # the user's setting is restored
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert checkpoint.damage(tmp_path / "step_0000001.pt") is None
+    assert checkpoint.load_latest_intact(tmp_path)[0].name == "step_0000001.pt"
