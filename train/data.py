@@ -22,7 +22,7 @@ from .rows import IMAGE_PLACEHOLDER
 log = logging.getLogger("pdf.data")
 
 __all__ = ["IMAGE_PLACEHOLDER", "BadImage", "ImageLoader", "TrainSampler", "Collator", "Qwen2VLCollator",
-           "LlavaCollator"]
+           "LlavaCollator", "example", "negatives"]
 
 
 class BadImage(Exception):
@@ -77,6 +77,12 @@ class TrainSampler:
 def example(row: dict, loader: ImageLoader) -> tuple[tuple[str, Image.Image | None], tuple[str, Image.Image | None]]:
     """(query, target) of a training row, images decoded; ``BadImage`` if either cannot be read."""
     return (row["qry"], loader(row["qry_image_path"])), (row["pos_text"], loader(row["pos_image_path"]))
+
+
+def negatives(row: dict, loader: ImageLoader, count: int) -> list[tuple[str, Image.Image | None]]:
+    """The first ``count`` hard negatives of a training row (checked at start to have them), images decoded;
+    ``BadImage`` if one cannot be read."""
+    return [(text, loader(image)) for text, image in zip(row["neg_text"][:count], row["neg_image_path"][:count])]
 
 
 class Collator:

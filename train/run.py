@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
                 sys.exit(130)
             if item is None:
                 break
-            step, query_chunks, target_chunks = item
-            metrics = train_step(parts, query_chunks, target_chunks, config, device)
+            step, query_chunks, target_chunks, *negative_chunks = item  # a fourth item: hard negatives' chunks
+            metrics = train_step(parts, query_chunks, target_chunks, config, device, *negative_chunks)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
                            bad_images=pipeline.bad_images, truncated_rows=collator.truncated)
             tick, done = time.perf_counter(), step + 1
