@@ -53,6 +53,7 @@ class TrainConfig:
     bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
+    image_resolution: int = 0  # > 0: images resized to this square first (VLM2Vec: high 1344, low 128); 0: as stored
     hard_negatives: int = 0  # hard negatives per query (neg_text/neg_image_path, the first so many); 0: none
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
     num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
@@ -92,7 +93,8 @@ class TrainConfig:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
-        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0)):
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0),
+                          ("image_resolution", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:

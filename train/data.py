@@ -93,6 +93,8 @@ class Collator:
 
     counts_in_prepare = True  # image-token counts known from the processor output alone
 
+    image_side = 0  # > 0: every image resized to image_side x image_side first (VLM2Vec's image_resolution)
+
     def __init__(self, tokenizer, image_processor, image_token_id: int, max_length: int = 512):
         if max_length < 1:
             raise ValueError(f"config: 'max_length' expected >= 1, got {max_length}")
@@ -122,6 +124,8 @@ class Collator:
                 raise ValueError(f"text and image disagree: {text!r} has {'an' if IMAGE_PLACEHOLDER in text else 'no'} "
                                  f"{IMAGE_PLACEHOLDER} but {'an' if img is not None else 'no'} image")
         images = [img for _, img in examples if img is not None]
+        if self.image_side:
+            images = [img.resize((self.image_side, self.image_side), Image.Resampling.BICUBIC) for img in images]
         processed, counts = self.images(images) if images else ({}, [])
         parts = [[self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"]
                   for p in text.split(IMAGE_PLACEHOLDER)] for text, _ in examples]

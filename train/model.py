@@ -31,6 +31,10 @@ def local_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # one input layout: pixel patches, grids, vision start/end
+# (min, max) pixels of the published Qwen/*-Instruct preprocessor_config.json files (Qwen3-VL's as recalled, not
+# re-read here; transformers' own defaults
+# are lower: Qwen2-VL's 1,003,520 would shrink a 1344 x 1344 image)
+_PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
 
 
 def _processor_class(kind: str):
@@ -54,8 +58,8 @@ def image_processor(side: int | None = None, source: str | None = None, kind: st
             return cls()
         vision = config.vision_config
         extra = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3) if kind == "qwen3_vl" else {}
-        if side is not None:
-            extra.update(min_pixels=side * side, max_pixels=side * side)
+        low, high = (side * side,) * 2 if side is not None else _PIXELS[kind]
+        extra.update(min_pixels=low, max_pixels=high)
         return cls(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                    temporal_patch_size=vision.temporal_patch_size, **extra)
     vision = config.vision_config
@@ -166,10 +170,14 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
     return model, tokenizer, processor
 
 
-def make_collator(model, tokenizer, processor, max_length: int):
-    """The collator of the model's family."""
+def make_collator(model, tokenizer, processor, max_length: int, image_side: int = 0):
+    """The collator of the model's family; ``image_side`` > 0 resizes every image to that square first."""
     hf = models.patch._hf_model(model)
     if hf.config.model_type in QWEN_KINDS:  # mm_token_type_ids where the forward models.encode calls takes them
         forward = (models.patch.inner_model(model) or hf).forward
-        return Qwen2VLCollator(tokenizer, processor, hf.config, max_length, token_types=takes_token_types(forward))
-    return LlavaCollator(tokenizer, processor, model, max_length)
+        collator = Qwen2VLCollator(tokenizer, processor, hf.config, max_length,
+                                   token_types=takes_token_types(forward))
+    else:
+        collator = LlavaCollator(tokenizer, processor, model, max_length)
+    collator.image_side = image_side
+    return collator

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = make_collator(model, tokenizer, processor, config.max_length)
+    collator = make_collator(model, tokenizer, processor, config.max_length, config.image_resolution)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"

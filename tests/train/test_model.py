@@ -58,3 +58,17 @@ def test_a_class_the_installed_transformers_lacks_is_refused(monkeypatch):
         backbone(TrainConfig(model="qwen3vl-2b"), all_words(), torch.device("meta"))
     with pytest.raises(ValueError, match=r"'model' expected a preset \[.*'qwen2\.5vl-3b'.*\] or a local directory"):
         backbone(TrainConfig(model="qwen9"), all_words(), torch.device("meta"))
+
+
+def test_image_resolution_resizes_every_image_as_vlm2vec_does(data):
+    """--image-resolution 1344 (VLM2Vec's "high", the paper's HR): Qwen2-VL-2B sees 96 x 96 patches, 2304 image
+    tokens (Table 4's); the stored 32-pixel image alone gives far fewer."""
+    model, tokenizer, processor = backbone(TrainConfig(model="qwen2vl-2b"), all_words(), torch.device("meta"))
+    image = ImageLoader(str(data / "images"))(sorted(p.name for p in (data / "images").iterdir())[0])
+    counts = {}
+    for side in (0, 1344):
+        batch = make_collator(model, tokenizer, processor, 64, image_side=side)([("<|image_1|> what is shown", image)])
+        counts[side] = int((batch["input_ids"] == model.config.image_token_id).sum())
+        if side:
+            assert batch["image_grid_thw"].tolist() == [[1, 96, 96]]
+    assert counts[1344] == 2304 and counts[0] < 100
