@@ -116,7 +116,24 @@ class TrainConfig:
         return self.uses_mim or (self.num_paths > 1 and self.track_mi)
 
 
-def _load_file(path: str) -> dict:
+SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml and the paper's settings per backbone
+
+
+def config_file(name: str) -> Path:
+    """``--config NAME``: the file as given, else a shipped configuration by file name or stem
+    (``--config paper-qwen2vl-2b``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED / path.name, SHIPPED / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    raise FileNotFoundError(f"--config: {name} is neither a file nor a shipped configuration {shipped}")
+
+
+def _load_file(name: str) -> dict:
+    path = str(config_file(name))
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -128,7 +145,8 @@ def _load_file(path: str) -> dict:
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """``--config FILE`` (YAML or JSON) first, then ``--name value`` flags for any field."""
     parser = argparse.ArgumentParser(description="PDF training (paper defaults; see train/config.py)")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields, or the name of "
+                        "a shipped one (train/configs: demo, paper-qwen2vl-2b, ...)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --name turns a default-off switch on; --no-name turns a default-on one off
