@@ -214,3 +214,20 @@ def test_two_gloo_ranks_with_negatives_equal_one_process_on_the_union_batch(data
     assert params.keys() == single_params.keys()
     for name, value in single_params.items():
         torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_bad_negative_image_replaces_its_row_or_stops_by_flag(data, tmp_path):
+    from pdfkernels.train.loader import BadData
+
+    _, _, collator, *_ = _setup(data, chunk_size=4)
+    good = load_train_rows(_files(data)[0], hard_negatives=H)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**good[0], "neg_image_path": [good[0]["neg_image_path"][0], "missing.png"]}) + "\n")
+    rows = load_train_rows(str(bad), hard_negatives=H)
+    loader = ImageLoader(str(data / "images"))
+    with pytest.raises(BadData, match=r"bad training image .*missing\.png"):
+        StepShares(TrainSampler([rows], None, 0), loader, collator, 2, 0, 1, 4, "error", hard_negatives=H)[0]
+    item = StepShares(TrainSampler([rows, good], [1.0, 1.0], 0), loader, collator, 8, 0, 1, 4, "skip",
+                      hard_negatives=H)[0]
+    assert item["bad"] > 0 and "missing.png" in item["first_bad"]
+    assert sum(len(c["parts"]) for c in item["negatives"]) == 8 * H  # every position kept its H negatives
