@@ -1,12 +1,12 @@
 """Hard negatives: rows checked at start, the loss and its gradients equal a direct computation (also through
-GradCache's chunks), the pipeline's negatives per rank, 2 gloo ranks equal one process, exact resume."""
+GradCache's chunks), the pipeline's negatives per rank, bad negative images, exact resume. Two gloo ranks equal
+one process with hard negatives: tests/train/test_run.py::test_two_gloo_ranks_equal_one_process_on_the_union_batch."""
 
 import copy
 import json
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import pdfkernels.train.run as run
 from pdfkernels import models
@@ -19,7 +19,6 @@ from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import BadRow, load_train_rows
 from pdfkernels.train.step import contrastive_loss, train_step
 from tests.train.helpers import run_args, shapes_data_with_negatives
-from tests.train.test_run import _free_port
 
 H = 2  # negatives per query in the generated set
 
@@ -184,36 +183,6 @@ def test_resume_with_negatives_continues_with_the_same_losses(data, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     plain = run.main(run_args(data, tmp_path / "c", "--steps", "1", "--no-evaluate"))["history"]
     assert plain[0]["loss"] != pytest.approx(straight[0]["loss"], rel=1e-3)  # the negatives entered the loss
-
-
-def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    out = run.main(args)
-    params = {}
-    if rank == 0:
-        from pdfkernels.train.checkpoint import latest
-
-        params = torch.load(latest(args[args.index("--out-dir") + 1] + "/checkpoints"), weights_only=False)["model"]
-    results[rank] = (out["history"], params)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; with CUDA the trainer uses nccl")
-def test_two_gloo_ranks_with_negatives_equal_one_process_on_the_union_batch(data, tmp_path):
-    args = ("--steps", "2", "--no-evaluate", "--num-workers", "0", "--hard-negatives", str(H))
-    single = run.main(run_args(data, tmp_path / "one", *args))["history"]
-    single_params = torch.load(tmp_path / "one" / "checkpoints" / "step_0000002.pt", weights_only=False)["model"]
-    results = mp.Manager().dict()
-    mp.spawn(_rank, args=(2, _free_port(), run_args(data, tmp_path / "two", *args), results), nprocs=2)
-    history, params = results[0]
-    for a, b in zip(single, history):
-        for key in ("loss", "loss_agg", "loss_path", "mi_estimate"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    assert params.keys() == single_params.keys()
-    for name, value in single_params.items():
-        torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_a_bad_negative_image_replaces_its_row_or_stops_by_flag(data, tmp_path):
