@@ -32,8 +32,7 @@ def local_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # one input layout: pixel patches, grids, vision start/end
 # (min, max) pixels of the published Qwen/*-Instruct preprocessor_config.json files (Qwen3-VL's as recalled, not
-# re-read here; transformers' own defaults
-# are lower: Qwen2-VL's 1,003,520 would shrink a 1344 x 1344 image)
+# re-read here); transformers' own defaults are lower: Qwen2-VL's 1,003,520 would shrink a 1344 x 1344 image
 _PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 12845056), "qwen3_vl": (65536, 16777216)}
 
 
