@@ -5,7 +5,8 @@
 2. Stage 1: the vCLUB estimator takes ``estimator_steps`` steps on the same detached embeddings (Eq. 4).
 3. Stage 2, estimator frozen: loss = InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i)
    + lambda_mim * MIM (Eqs. 5-8) on the cached embeddings (global batch across ranks; the gathered hard
-   negatives join every query's InfoNCE candidates); its gradients with respect to the embeddings are cached.
+   negatives join every query's InfoNCE candidates; they stay out of MIM and the estimator, which compare the
+   paths of the same input); its gradients with respect to the embeddings are cached.
 4. Chunk by chunk, forward again with gradients (RNG replayed) and backpropagate the cached gradients;
    then the backbone, prefix and aggregator take their step. Loss and gradients equal the full-batch step.
 """
