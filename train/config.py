@@ -54,6 +54,8 @@ class TrainConfig:
     bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
+    image_resolution: int = 0  # > 0: images resized to this square first (VLM2Vec: high 1344, low 128); 0: as stored
+    hard_negatives: int = 0  # hard negatives per query (neg_text/neg_image_path, the first so many); 0: none
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
     num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
     eval_batch_size: int = 64  # rows per evaluation forward
@@ -93,7 +95,8 @@ class TrainConfig:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
-        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0),
+                          ("image_resolution", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:
@@ -135,7 +138,24 @@ class TrainConfig:
         return self.uses_mim or (self.num_paths > 1 and self.track_mi)
 
 
-def _load_file(path: str) -> dict:
+SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml and the paper's settings per backbone
+
+
+def config_file(name: str) -> Path:
+    """``--config NAME``: the file as given, else a shipped configuration by file name or stem
+    (``--config paper-qwen2vl-2b``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED / path.name, SHIPPED / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    raise FileNotFoundError(f"--config: {name} is neither a file nor a shipped configuration {shipped}")
+
+
+def _load_file(name: str) -> dict:
+    path = str(config_file(name))
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -147,7 +167,8 @@ def _load_file(path: str) -> dict:
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """``--config FILE`` (YAML or JSON) first, then ``--name value`` flags for any field."""
     parser = argparse.ArgumentParser(description="PDF training (paper defaults; see train/config.py)")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields, or the name of "
+                        "a shipped one (train/configs: demo, paper-qwen2vl-2b, ...)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --name turns a default-off switch on; --no-name turns a default-on one off

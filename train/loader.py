@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import BadImage, Collator, ImageLoader, TrainSampler, example
+from .data import BadImage, Collator, ImageLoader, TrainSampler, example, negatives
 
 log = logging.getLogger("pdf.data")
 MAX_ATTEMPTS = 64  # draws per position before a 'skip' run gives up on finding a readable row
@@ -103,33 +103,44 @@ def default_workers() -> int:
 
 
 class StepShares(Dataset):
-    """Item ``step``: this rank's share of the step, prepared in GradCache chunks of queries and targets."""
+    """Item ``step``: this rank's share of the step, prepared in GradCache chunks of queries and targets (and,
+    with ``hard_negatives`` > 0, of the queries' first so many hard negatives, query-major, a bad image in one
+    of them replacing the whole row)."""
 
     def __init__(self, sampler: TrainSampler, loader: ImageLoader, collator: Collator, global_batch: int,
-                 rank: int, world_size: int, chunk_size: int, policy: str = "skip"):
+                 rank: int, world_size: int, chunk_size: int, policy: str = "skip", hard_negatives: int = 0):
         if global_batch % world_size:
             raise ValueError(f"config: 'global_batch' ({global_batch}) must divide by the {world_size} ranks")
         self.sampler, self.loader, self.collator = sampler, loader, collator
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.chunk_size, self.policy = chunk_size, policy
+        self.hard_negatives = hard_negatives
 
-    def _processable(self, pair, row: dict) -> None:
-        """``BadImage`` when the image processor refuses an image of ``pair`` on its own."""
-        for key, (text, img) in zip(("qry_image_path", "pos_image_path"), pair):
+    def _decode(self, row: dict):
+        pair = example(row, self.loader)
+        return (*pair, negatives(row, self.loader, self.hard_negatives)) if self.hard_negatives else pair
+
+    def _processable(self, item: tuple, row: dict) -> None:
+        """``BadImage`` when the image processor refuses an image of ``item`` (query, target and any hard
+        negatives, as ``_decode`` returns them) on its own."""
+        sides = [(row["qry_image_path"], item[0]), (row["pos_image_path"], item[1])]
+        if len(item) > 2:
+            sides += zip(row["neg_image_path"], item[2])
+        for path, (text, img) in sides:
             if img is not None:
                 try:
                     self.collator.prepare([(text, img)])
                 except ValueError as exc:
-                    raise BadImage(f"image {row[key]}: the image processor refused it: {exc}") from exc
+                    raise BadImage(f"image {path}: the image processor refused it: {exc}") from exc
 
     def _row(self, step: int, position: int, row: dict, stats: dict, check: bool = False):
         for attempt in range(MAX_ATTEMPTS + 1):
             stats["loads"] += 1
             try:
-                pair = example(row, self.loader)
+                item = self._decode(row)
                 if check:
-                    self._processable(pair, row)
-                return pair
+                    self._processable(item, row)
+                return item
             except BadImage as exc:
                 if self.policy == "error":
                     raise BadData(f"bad training image (run with --bad-images skip to skip it): {exc}") from None
@@ -152,14 +163,18 @@ class StepShares(Dataset):
         stats = {"loads": 0, "bad": 0, "first_bad": ""}
         pairs = [self._row(step, first + i, row, stats, check) for i, row in enumerate(plan)]
         size, share = self.chunk_size, len(plan)
-        return {"step": step, **stats,
-                "queries": [self.collator.prepare([q for q, _ in pairs[i:i + size]]) for i in range(0, share, size)],
-                "targets": [self.collator.prepare([t for _, t in pairs[i:i + size]]) for i in range(0, share, size)]}
+        item = {"step": step, **stats,
+                "queries": [self.collator.prepare([p[0] for p in pairs[i:i + size]]) for i in range(0, share, size)],
+                "targets": [self.collator.prepare([p[1] for p in pairs[i:i + size]]) for i in range(0, share, size)]}
+        if self.hard_negatives:
+            negs = [n for p in pairs for n in p[2]]
+            item["negatives"] = [self.collator.prepare(negs[i:i + size]) for i in range(0, len(negs), size)]
+        return item
 
 
 class TrainBatches:
-    """Iterates ``(step, query_chunks, target_chunks)`` from ``start`` to ``steps`` with inputs on ``device``;
-    ``bad_images`` and ``loads`` count over all workers."""
+    """Iterates ``(step, query_chunks, target_chunks)`` from ``start`` to ``steps`` with inputs on ``device``
+    (with hard negatives a fourth item: their chunks); ``bad_images`` and ``loads`` count over all workers."""
 
     def __init__(self, shares: StepShares, start: int, steps: int, device: torch.device, num_workers: int,
                  max_bad_fraction: float = 0.5):
@@ -190,8 +205,11 @@ class TrainBatches:
     def __iter__(self) -> Iterator[tuple[int, list[dict], list[dict]]]:
         for item in iterate(self.loader):
             self._count(item)
-            yield (item["step"], [self._to_device(c) for c in item["queries"]],
-                   [self._to_device(c) for c in item["targets"]])
+            batch = (item["step"], [self._to_device(c) for c in item["queries"]],
+                     [self._to_device(c) for c in item["targets"]])
+            if "negatives" in item:
+                batch += ([self._to_device(c) for c in item["negatives"]],)
+            yield batch
 
 
 def interruptible(items, should_stop: Callable[[], bool] | None):
@@ -208,10 +226,10 @@ def train_batches(config, collator: Collator, rank: int, world_size: int, start:
     """The run's pipeline: every training row checked once (``--bad-rows``), then steps ``start..steps``."""
     from .rows import load_train_rows
 
-    subsets = [load_train_rows(p, config.bad_rows) for p in config.train_data]
+    subsets = [load_train_rows(p, config.bad_rows, config.hard_negatives) for p in config.train_data]
     sampler = TrainSampler(subsets, config.subset_weights or None, config.seed)
     images = ImageLoader(config.image_dir, config.allow_outside_images)
     shares = StepShares(sampler, images, collator, config.global_batch, rank, world_size,
-                        config.chunk_size, config.bad_images)
+                        config.chunk_size, config.bad_images, config.hard_negatives)
     workers = default_workers() if config.num_workers is None else config.num_workers
     return TrainBatches(shares, start, config.steps, device, workers, config.max_bad_fraction)

@@ -4,7 +4,9 @@
     python train/run.py ...                                                      (the same, from a checkout)
     torchrun --nproc-per-node G -m pdfkernels.train.run ...                                  (G processes, one per GPU)
 
-With no --train-data it trains on a generated MMEB-format shapes set (train/synthetic.py). Writes
+With no arguments at all it runs the built-in demo (train/configs/demo.yaml into ./runs/demo, replaced each
+time; what scripts/run.sh runs) and says so first. With no --train-data it trains on a generated MMEB-format
+shapes set (train/synthetic.py). The paper's settings per backbone: train/configs/paper-*.yaml, for real data. Writes
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
 samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, verified, last k kept; ``--resume``
 continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
@@ -35,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
-from .config import TrainConfig, parse
+from .config import SHIPPED, TrainConfig, parse
 from .evaluate import evaluate, markdown
 from .loader import train_batches
 from .metrics import RunDiagnostics
@@ -96,9 +98,25 @@ def chunks(collator, examples: list, size: int, device) -> list[dict]:
             for i in range(0, len(examples), size)]
 
 
+def demo_arguments() -> list[str]:
+    """A bare ``python train/run.py``: the built-in demo, as scripts/run.sh runs it, announced in its first line."""
+    demo = SHIPPED / "demo.yaml"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train/run.py without arguments: running the built-in demo ({demo}: PDF on a generated shapes set "
+              f"with the tiny random Qwen2-VL, 400 steps of 64, about 2 minutes on 2 CPU cores; output in "
+              f"{Path('runs/demo').resolve()}, replaced on each bare run). The paper's settings for real data: "
+              f"--config {SHIPPED}/paper-qwen2vl-2b.yaml --model DIR --train-data ... (README, Training).",
+              flush=True)
+    return ["--config", str(demo), "--overwrite"]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    config = parse(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse(argv if argv else demo_arguments())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not config.train_data and not config.model.startswith("tiny"):
+        raise ValueError(f"config: no 'train_data' given; the generated shapes set suits only the tiny presets, not "
+                         f"model {config.model!r}: pass MMEB training files with --train-data (README, Training)")
     rank, world_size, device = setup_distributed()
     if config.global_batch % world_size:
         raise ValueError(f"config: 'global_batch' ({config.global_batch}) must divide by the {world_size} ranks")
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = make_collator(model, tokenizer, processor, config.max_length)
+    collator = make_collator(model, tokenizer, processor, config.max_length, config.image_resolution)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -152,8 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
                 sys.exit(130)
             if item is None:
                 break
-            step, query_chunks, target_chunks = item
-            metrics = train_step(parts, query_chunks, target_chunks, config, device)
+            step, query_chunks, target_chunks, *negative_chunks = item  # a fourth item: hard negatives' chunks
+            metrics = train_step(parts, query_chunks, target_chunks, config, device, *negative_chunks)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
                            bad_images=pipeline.bad_images, truncated_rows=collator.truncated)
             tick, done = time.perf_counter(), step + 1
