@@ -1,0 +1,80 @@
+"""FLOP counts of the model-level variants against hand counts from the small Qwen2-VL's sizes (the CPU case of
+bench/test_models.py): Linear/Conv weights x 2 x tokens, attention 4·D per visible (query, key) pair."""
+
+import pytest
+import torch
+from transformers import Qwen2VLForConditionalGeneration
+
+from pdfkernels import models
+from pdfkernels.bench.flops import count_flops
+from pdfkernels.models.configs import small_qwen2vl
+
+# small_qwen2vl: text width 256, 4 layers, 4 heads x 64 (2 KV heads), MLP 768; vision embed 64, 2 blocks,
+# mlp_ratio 2, patch 14 (Conv3d 3 -> 64 over 2 x 14 x 14), merger 4·64 -> 256 -> 256. A 224x224 image:
+# 16 x 16 = 256 patches, 64 merged tokens; 76 tokens in all (3 text, start, 64 image, end, 7 text).
+TOKENS, PATCHES, MERGED, PREFIX = 76, 256, 64, 20
+TEXT_WEIGHTS = 4 * (256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 768)
+VISION_LINEAR = 2 * PATCHES * (64 * 3 * 2 * 14 * 14 + 2 * (64 * 192 + 64 * 64 + 64 * 128 + 128 * 64)) \
+    + 2 * MERGED * (256 * 256 + 256 * 256)
+VISION_ATTENTION = 4 * 64 * 2 * PATCHES ** 2
+
+
+def _text_attention(prefix):
+    return 4 * 64 * 4 * 4 * (prefix * TOKENS + TOKENS * (TOKENS + 1) // 2)
+
+
+EXPECTED = {  # variant -> (paths argument, text copies, prefix per copy)
+    "no-prefix": (None, 1, 0), "single-prefix": (0, 1, PREFIX), "two-paths": ([0, 1], 2, PREFIX)}
+
+
+@pytest.fixture(scope="module")
+def case():
+    config = small_qwen2vl()
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    ids = [11] * 3 + [config.vision_start_token_id] + [config.image_token_id] * MERGED \
+        + [config.vision_end_token_id] + [12] * 7
+    input_ids = torch.tensor([ids])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+              "pixel_values": torch.randn(PATCHES, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, 16, 16]]),
+              "mm_token_type_ids": (input_ids == config.image_token_id).long()}
+    return model, inputs
+
+
+def test_unpatched_forward_matches_the_hand_count(case):
+    model, inputs = case
+    with torch.no_grad():
+        count = count_flops(model, lambda: models.patch.inner_model(model)(**inputs, use_cache=False))
+    assert count.linear == 2 * TOKENS * TEXT_WEIGHTS + VISION_LINEAR
+    assert (count.text_attention, count.vision_attention) == (_text_attention(0), VISION_ATTENTION)
+    assert count.calls == {"text": 1, "vision": 1, "text_backward": 0, "vision_backward": 0}
+
+
+@pytest.mark.parametrize("variant", list(EXPECTED))
+def test_patched_variants_match_the_hand_count(case, variant):
+    model, inputs = case
+    if not hasattr(model, "pdf_prefix"):
+        models.apply_pdf(model, num_paths=2, prefix_len=PREFIX)
+    paths, copies, prefix = EXPECTED[variant]
+    with torch.no_grad():
+        count = count_flops(model, lambda: models.encode(model, inputs, paths))
+    assert count.linear == copies * 2 * TOKENS * TEXT_WEIGHTS + VISION_LINEAR
+    assert count.text_attention == copies * _text_attention(prefix)
+    assert count.vision_attention == VISION_ATTENTION
+
+
+def test_backward_counts_when_a_backward_passes_through(case):
+    """With gradients, every text Linear costs 3x its forward (input and weight gradients: everything trains here,
+    the embeddings too) and attention 3.5x (2.5x for the backward); a frozen vision tower has no backward."""
+    model, inputs = case
+    if not hasattr(model, "pdf_prefix"):
+        models.apply_pdf(model, num_paths=2, prefix_len=PREFIX)
+    model.model.visual.requires_grad_(False)
+    try:
+        count = count_flops(model, lambda: models.encode(model, inputs, 0).sum().backward())
+    finally:
+        model.model.visual.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    assert count.calls == {"text": 1, "vision": 1, "text_backward": 1, "vision_backward": 0}
+    assert count.text_attention == int(3.5 * _text_attention(PREFIX))
+    assert count.vision_attention == VISION_ATTENTION
+    assert count.linear == 3 * 2 * TOKENS * TEXT_WEIGHTS + VISION_LINEAR
