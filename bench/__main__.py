@@ -4,8 +4,10 @@
 
 Parts: table4 (CPU, meta device), vclub, prefix_attention, models, train_step. The timed parts are the
 pytest-benchmark cases in bench/test_*.py, run here through pytest (the same cases as
-``pytest bench --benchmark-only``); each figure keeps its min/median/max over the repeats. The JSON goes to
-``<out>/<device>-<date>.json`` with the device, versions and commit. ``--quick`` is the CI-sized CPU run.
+``pytest bench --benchmark-only``); every timed result is one row of ``bench/schema.py`` (provider, mode, shape,
+median and 20/80 quantiles, TFLOP/s, MFU, peak memory, device, versions, commit), in the markdown and in
+``<out>/<device>-<date>.json``. Cases a device cannot run are listed with the reason under their table. The two
+headline ratios (``bench/headline.py``) come last. ``--quick`` is the CI-sized CPU run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from pdfkernels.bench import headline, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = ("vclub", "prefix_attention", "models", "train_step")
@@ -37,37 +41,33 @@ def _versions() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run_timed(part: str, quick: bool) -> list[dict]:
-    """One bench/test_<part>.py module through pytest-benchmark; its records."""
+def run_timed(part: str, quick: bool, meta: dict) -> tuple[list[dict], list[str]]:
+    """One bench/test_<part>.py module through pytest-benchmark; its schema rows and the skip reasons."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         env = {**os.environ, "PDFKERNELS_BENCH_QUICK": "1" if quick else "0"}
         env.pop("TRITON_INTERPRET", None)
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / f"test_{part}.py"), "--benchmark-only", "-q",
-               "-p", "no:cacheprovider", f"--benchmark-json={report}"]
+               "-p", "no:cacheprovider", "-rs", f"--benchmark-json={report}"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not report.exists():
             raise RuntimeError(f"bench part {part} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         data = json.loads(report.read_text())
-    records = []
-    for b in data["benchmarks"]:
-        stats = b["stats"]
-        records.append({"part": part, "name": b["name"], "params": b.get("params") or {},
-                        "seconds": {k: stats[k] for k in ("min", "median", "max")}, "rounds": stats["rounds"],
-                        **b.get("extra_info", {})})
-    return records
+    skipped = [line.split(": ", 1)[-1] for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+    return [schema.row(part, b, meta) for b in data["benchmarks"]], skipped
 
 
-def markdown(records: list[dict]) -> str:
-    lines = ["| part | case | median ms | min ms | max ms | TFLOP/s | peak extra MiB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in records:
-        s = r["seconds"]
-        tflops = f"{r['tflops_median']:.1f}" if "tflops_median" in r else ""
-        peak = f"{r['peak_extra_bytes'] / 2**20:.1f}" if "peak_extra_bytes" in r else ""
-        case = r["name"].split("[", 1)[-1].rstrip("]")
-        lines.append(f"| {r['part']} | {case} | {1e3 * s['median']:.3f} | {1e3 * s['min']:.3f} | "
-                     f"{1e3 * s['max']:.3f} | {tflops} | {peak} |")
+def phase_table(rows: list[dict]) -> str:
+    """The training step's phases (ms per step, medians over the profiled steps) of the rows that have them."""
+    with_phases = [r for r in rows if r["extra"].get("phases_ms")]
+    if not with_phases:
+        return ""
+    names = list(dict.fromkeys(n for r in with_phases for n in r["extra"]["phases_ms"]))
+    lines = ["| provider | " + " | ".join(names) + " | timer |", "|---|" + "---|" * (len(names) + 1)]
+    for r in with_phases:
+        phases = r["extra"]["phases_ms"]
+        cells = " | ".join("" if n not in phases else f"{phases[n]:.2f}" for n in names)
+        lines.append(f"| {r['provider']} | {cells} | {r['extra']['phase_timer']} |")
     return "\n".join(lines)
 
 
@@ -81,12 +81,13 @@ def plot(records: list[dict], folder: Path, stem: str) -> list[Path]:
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from exc
     written = []
-    attention = [r for r in records if r["part"] == "prefix_attention" and r.get("mode") == "fwd+bwd"]
+    attention = [r for r in records if r["part"] == "prefix_attention" and r["mode"] == "fwd+bwd"
+                 and r["extra"]["K"] > 0]
     if attention:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for provider in sorted({r["params"].get("provider") for r in attention if r["params"].get("provider")}):
-            rows = sorted((r["seq_len"], r["tflops_median"]) for r in attention
-                          if r["params"].get("provider") == provider and r["heads"] == attention[0]["heads"])
+        for provider in sorted({r["provider"] for r in attention}):
+            rows = sorted((r["extra"]["seq_len"], r["tflops"]) for r in attention
+                          if r["provider"] == provider and r["extra"]["heads"] == attention[0]["extra"]["heads"])
             ax.plot([x for x, _ in rows], [y for _, y in rows], marker="o", label=provider)
         ax.set(xscale="log", xlabel="sequence length", ylabel="TFLOP/s (fwd+bwd)", title=attention[0]["device"])
         ax.legend()
@@ -95,11 +96,11 @@ def plot(records: list[dict], folder: Path, stem: str) -> list[Path]:
     vclub = [r for r in records if r["part"] == "vclub"]
     if vclub:
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for provider in sorted({r["params"]["provider"] for r in vclub}):
-            rows = sorted((r["B"], r["seconds"]["median"], r["peak_extra_bytes"]) for r in vclub
-                          if r["params"]["provider"] == provider)
-            left.plot([b for b, _, _ in rows], [1e3 * t for _, t, _ in rows], marker="o", label=provider)
-            right.plot([b for b, _, _ in rows], [m / 2**20 for _, _, m in rows], marker="o", label=provider)
+        for provider in sorted({r["provider"] for r in vclub}):
+            rows = sorted((r["extra"]["B"], r["median_ms"], r["peak_extra_mib"]) for r in vclub
+                          if r["provider"] == provider)
+            left.plot([b for b, _, _ in rows], [t for _, t, _ in rows], marker="o", label=provider)
+            right.plot([b for b, _, _ in rows], [m for _, _, m in rows], marker="o", label=provider)
         left.set(xscale="log", yscale="log", xlabel="batch B", ylabel="fwd+bwd ms", title=vclub[0]["device"])
         right.set(xscale="log", yscale="log", xlabel="batch B", ylabel="peak extra MiB")
         left.legend()
@@ -129,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         text, result["table4_backbones"] = backbone_table()
         print("## Table 4's counts for the other backbones (same convention, no paper figures)\n\n" + text + "\n")
     for part in (p for p in parts if p in TIMED):
-        records = run_timed(part, args.quick)
-        result["benchmarks"] += records
-        label = "" if meta["device"] != "cpu" else " (CPU figures)"
-        print(f"## {part}{label}\n\n{markdown(records)}\n", flush=True)
+        rows, skipped = run_timed(part, args.quick, meta)
+        result["benchmarks"] += rows
+        result["skipped"] = result.get("skipped", []) + [f"{part}: {reason}" for reason in skipped]
+        label = "" if meta["device"] != "cpu" else " (CPU figures: no MFU)"
+        text = f"## {part}{label}\n\n{schema.markdown(rows)}\n"
+        if phase_table(rows):
+            text += f"\nPhases of one step (ms):\n\n{phase_table(rows)}\n"
+        if skipped:
+            text += "\nnot run here:\n" + "\n".join(f"- {reason}" for reason in skipped) + "\n"
+        print(text, flush=True)
+    headline_lines = headline.lines(result["benchmarks"])
+    if headline_lines:
+        print("## Headline ratios\n\n" + "\n".join(headline_lines) + "\n")
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{meta['device'].replace(' ', '-')}-{meta['date'][:10]}{'-quick' if args.quick else ''}"

@@ -48,12 +48,16 @@ def cat_sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
                           prefix_v: torch.Tensor, path_ids: torch.Tensor, *,
                           key_padding_mask: torch.Tensor | None = None, causal: bool = True,
-                          softmax_scale: float | None = None, backend: SDPBackend | None = None) -> torch.Tensor:
+                          softmax_scale: float | None = None, backend: SDPBackend | None = None,
+                          shared_mask: bool = False) -> torch.Tensor:
     """The fastest SDPA way: concatenate the prefix into K/V and pass ``causal_lower_right(L, K + L)`` (prefix
     visible to every query, causal over the own keys, bottom-right aligned), which SDPA's flash and memory-
     efficient kernels take without a mask tensor. ``backend`` forces one SDPA backend (``sdpa_kernel``): PyTorch
-    raises when that backend cannot run the call. No padding: such a bias has no per-sequence lengths, so padded
-    rows need the masked form (``cat_sdpa_prefix_attention``) or packing (``flash_attn_varlen_prefix_attention``)."""
+    raises when that backend cannot run the call. ``shared_mask`` passes the same pattern as one ``[L, K + L]``
+    boolean tensor broadcast over batch and heads instead (for backends that take masks but not the bias, e.g.
+    cuDNN, which the bias's flash/efficient dispatch bypasses). No padding: such a bias has no per-sequence
+    lengths, so padded rows need the masked form (``cat_sdpa_prefix_attention``) or packing
+    (``flash_attn_varlen_prefix_attention``)."""
     if key_padding_mask is not None:
         raise ValueError("sdpa_prefix_attention: argument 'key_padding_mask' expected None (a causal bias has no "
                          "padding; use cat_sdpa_prefix_attention or the packed form)")
@@ -61,6 +65,8 @@ def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
     keys = torch.cat([prefix_k[path_ids], k], dim=2)
     values = torch.cat([prefix_v[path_ids], v], dim=2)
     bias = causal_lower_right(length, num_prefix + length) if causal else None
+    if bias is not None and shared_mask:
+        bias = bias._materialize(q.device)
     gqa = q.shape[1] != k.shape[1]
     if backend is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=softmax_scale, enable_gqa=gqa)
