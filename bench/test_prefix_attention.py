@@ -198,7 +198,7 @@ def _backend(provider: str, fn, c: Case) -> str:
         raise
     if provider.startswith("sdpa-cudnn") and ran != ("cudnn",):
         pytest.skip(f"{provider}: forced cuDNN, but {ran} ran")
-    return "+".join(ran) or ("triton" if CUDA else "none")
+    return "+".join(ran) or ("triton" if CUDA else "pytorch (no SDPA kernel)")
 
 
 def _bench(benchmark, provider, spec, seq_len, heads, kv_heads, prefix, mode):
