@@ -8,8 +8,9 @@ Two parts, both read off the call itself:
 - Attention's score and value products from the shapes each attention stack received, in FlashAttention's
   convention: forward ``4 · D`` per (query, visible key) pair and head; backward 2.5 x the forward, counted when a
   backward actually passes through the stack. Text: causal over the real tokens plus the K prefix keys of every
-  active path (the stack's rows repeat per path); vision: Qwen2-VL's full attention per image frame, or a CLIP
-  tower's per tile (LLaVA). SDPA's own kernels are never counted by the first part, so nothing counts twice.
+  active path (the stack's rows repeat per path); vision: full attention within the blocks each vision attention
+  module receives (Qwen2-VL's ``cu_seqlens``: frames, or Qwen2.5-VL's windows; a CLIP tower's tiles).
+  SDPA's own kernels are never counted by the first part, so nothing counts twice.
 
 Gradient checkpointing's recompute is counted by the first part only (the benchmarks run without it).
 """
@@ -26,7 +27,6 @@ from pdfkernels.models.layout import decoder_stack, hf_model, inner_model
 
 COUNTED_OPS = ("mm", "addmm", "convolution")  # Linear and Conv layers; attention kernels are other ops
 BACKWARD_FACTOR = 2.5  # FlashAttention's convention: the backward's five products against the forward's two
-QWEN2VL_VISION = ("qwen2_vl", "qwen2_vl_vision")  # the vision config's model_type in 4.52 and 5.x
 
 
 def linear_conv_flops(fn: Callable[[], object]) -> int:
@@ -96,6 +96,12 @@ class _AttentionHooks:
         if self.vision is not None:
             self.handles.append(self.vision.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
             self.handles.append(self.vision.register_forward_hook(self._vision_post))
+            attention = [m for m in self.vision.modules() if type(m).__name__.endswith("Attention")]
+            if not attention:
+                raise ValueError(f"count_flops: no attention module (class name ending in 'Attention') in the "
+                                 f"vision tower {type(self.vision).__name__}")
+            for m in attention:
+                self.handles.append(m.register_forward_pre_hook(self._vision_attention_pre, with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -120,21 +126,19 @@ class _AttentionHooks:
         self._on_backward(hidden, self._text_pending, "text")
 
     def _vision_pre(self, module, args, kwargs):
-        config = module.config
-        if config.model_type not in (*QWEN2VL_VISION, "clip_vision_model"):
-            raise ValueError(f"count_flops: vision tower {config.model_type!r} not supported (Qwen2-VL's or CLIP's; "
-                             "others attend in windows or per frame group)")
-        grid = _arg(args, kwargs, "grid_thw", 1)
-        if config.model_type in QWEN2VL_VISION:  # Qwen2-VL: full attention within each frame of h x w patches
-            blocks = [int(h) * int(w) for t, h, w in grid.tolist() for _ in range(int(t))]
-            width, layers = config.embed_dim, config.depth
-        else:  # a CLIP tower: full attention over each tile's patches and its class token
-            pixels = _arg(args, kwargs, "pixel_values", 0)
-            blocks = [(config.image_size // config.patch_size) ** 2 + 1] * pixels.shape[0]
-            width, layers = config.hidden_size, config.num_hidden_layers
-        self._vision_pending = full_attention_flops(blocks, layers, width)
-        self.count.vision_attention += self._vision_pending
+        self._vision_pending = 0
         self.count.calls["vision"] += 1
+
+    def _vision_attention_pre(self, module, args, kwargs):
+        hidden = _arg(args, kwargs, "hidden_states", 0)
+        cu_seqlens = _arg(args, kwargs, "cu_seqlens", 1)
+        if isinstance(cu_seqlens, torch.Tensor):  # Qwen2-VL's packed patches: full attention per block
+            blocks = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        else:  # [tiles, tokens, width]: full attention per tile (CLIP)
+            blocks = [hidden.shape[1]] * hidden.shape[0]
+        flops = full_attention_flops(blocks, 1, hidden.shape[-1])
+        self._vision_pending += flops
+        self.count.vision_attention += flops
 
     def _vision_post(self, module, args, output):
         hidden = output if isinstance(output, torch.Tensor) else (

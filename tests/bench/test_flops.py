@@ -78,3 +78,37 @@ def test_backward_counts_when_a_backward_passes_through(case):
     assert count.text_attention == int(3.5 * _text_attention(PREFIX))
     assert count.vision_attention == VISION_ATTENTION
     assert count.linear == 3 * 2 * TOKENS * TEXT_WEIGHTS + VISION_LINEAR
+
+
+@pytest.mark.parametrize("kind", ["llava-next-mistral", "qwen2.5vl"])
+def test_padded_batches_count_real_tokens_and_each_vision_block(kind):
+    """A padded batch of image and text-only rows (tests/models/builders.py): text attention over each row's real
+    tokens only; vision attention per block the tower actually attends within (CLIP tiles of 4 x 4 patches and a
+    class token; Qwen2.5-VL's windows and full-attention blocks from its cu_seqlens)."""
+    from tests.models.builders import build_inputs, build_model
+
+    model = build_model(kind)
+    inputs = build_inputs(kind, model)
+    models.apply_pdf(model, num_paths=2, prefix_len=3)
+    text = models.text_config(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    expected_text = 4 * head_dim * text.num_attention_heads * text.num_hidden_layers * 2 * sum(
+        3 * n + n * (n + 1) // 2 for n in lengths)
+    seen = []
+    inner = models.patch.inner_model(model)
+    if kind == "qwen2.5vl":  # two blocks (one windowed, one full), width 32
+        def block(module, args, kwargs):
+            sizes = (kwargs["cu_seqlens"][1:] - kwargs["cu_seqlens"][:-1]).tolist()
+            seen.append(32 * sum(n * n for n in sizes))
+
+        handles = [b.attn.register_forward_pre_hook(block, with_kwargs=True) for b in inner.visual.blocks]
+    else:  # 2 CLIP layers of width 32, 17 tokens per tile
+        handles = [inner.vision_tower.register_forward_pre_hook(
+            lambda module, args: seen.append(2 * 32 * args[0].shape[0] * 17 ** 2))]
+    with torch.no_grad():
+        count = count_flops(model, lambda: models.encode(model, inputs, [0, 1]))
+    for h in handles:
+        h.remove()
+    assert count.text_attention == expected_text
+    assert count.vision_attention == 4 * sum(seen) > 0
