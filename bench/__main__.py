@@ -1,6 +1,6 @@
 """Run the benchmarks on whatever device is present, print a markdown table, write JSON (and charts).
 
-    python -m pdfkernels.bench [--quick] [--only NAME ...] [--plot] [--out bench/results]
+    python -m pdfkernels.bench [--quick] [--only NAME ...] [--select PART=EXPR ...] [--plot] [--out bench/results]
 
 Parts: table4 (CPU, meta device), vclub, prefix_attention, models, train_step. The timed parts are the
 pytest-benchmark cases in bench/test_*.py, run here through pytest (the same cases as
@@ -41,14 +41,17 @@ def _versions() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def run_timed(part: str, quick: bool, meta: dict) -> tuple[list[dict], list[str]]:
-    """One bench/test_<part>.py module through pytest-benchmark; its schema rows and the skip reasons."""
+def run_timed(part: str, quick: bool, meta: dict, select: str | None = None) -> tuple[list[dict], list[str]]:
+    """One bench/test_<part>.py module through pytest-benchmark (``select``: a pytest ``-k`` expression); its schema
+    rows and the skip reasons."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         env = {**os.environ, "PDFKERNELS_BENCH_QUICK": "1" if quick else "0"}
         env.pop("TRITON_INTERPRET", None)
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / f"test_{part}.py"), "--benchmark-only", "-q",
                "-p", "no:cacheprovider", "-rs", f"--benchmark-json={report}"]
+        if select:
+            cmd += ["-k", select]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not report.exists():
             raise RuntimeError(f"bench part {part} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -113,10 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI-sized CPU run")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=None, help="parts to run")
+    parser.add_argument("--select", action="append", default=[], metavar="PART=EXPR",
+                        help="run only the cases of PART matching the pytest -k expression EXPR")
     parser.add_argument("--plot", action="store_true", help="also write PNG charts")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results folder")
     args = parser.parse_args(argv)
     parts = args.only or list(PARTS)
+    selects = {}
+    for item in args.select:
+        part, sep, expr = item.partition("=")
+        if not sep or part not in TIMED or not expr:
+            parser.error(f"argument --select: expected PART=EXPR with PART one of {TIMED}, got {item!r}")
+        selects[part] = expr
     meta = _versions()
     result: dict = {**meta, "quick": args.quick, "benchmarks": [], "table4": None}
     print(f"# pdfkernels benchmarks on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
@@ -129,8 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         print("## Table 4 (Qwen2-VL-2B, meta device)\n\n" + text + "\n")
         text, result["table4_backbones"] = backbone_table()
         print("## Table 4's counts for the other backbones (same convention, no paper figures)\n\n" + text + "\n")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{meta['device'].replace(' ', '-')}-{meta['date'][:10]}{'-quick' if args.quick else ''}"
+    path = folder / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    failed = []
     for part in (p for p in parts if p in TIMED):
-        rows, skipped = run_timed(part, args.quick, meta)
+        try:
+            rows, skipped = run_timed(part, args.quick, meta, selects.get(part))
+        except RuntimeError as exc:  # one part failing does not lose the others' figures
+            failed.append(part)
+            print(f"## {part}: FAILED\n\n```\n{exc}\n```\n", flush=True)
+            continue
         result["benchmarks"] += rows
         result["skipped"] = result.get("skipped", []) + [f"{part}: {reason}" for reason in skipped]
         label = "" if meta["device"] != "cpu" else " (CPU figures: no MFU)"
@@ -140,19 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             text += "\nnot run here:\n" + "\n".join(f"- {reason}" for reason in skipped) + "\n"
         print(text, flush=True)
+        path.write_text(json.dumps(result, indent=1, default=str))  # after every part: a cut run keeps these
     headline_lines = headline.lines(result["benchmarks"])
     if headline_lines:
         print("## Headline ratios\n\n" + "\n".join(headline_lines) + "\n")
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{meta['device'].replace(' ', '-')}-{meta['date'][:10]}{'-quick' if args.quick else ''}"
-    path = folder / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
     if args.plot:
         for png in plot(result["benchmarks"], folder, stem):
             print(f"wrote {png}")
-    return 0
+    if failed:
+        print(f"failed parts: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
