@@ -68,10 +68,28 @@ def sdpa_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pre
     if bias is not None and shared_mask:
         bias = bias._materialize(q.device)
     gqa = q.shape[1] != k.shape[1]
+    if gqa and causal and not shared_mask and q.is_cuda and not _bias_takes_gqa(q, keys, values, backend):
+        # the bias calls the memory-efficient kernel directly, which ignores enable_gqa: repeat the KV heads as
+        # SDPA itself does for that kernel
+        group = q.shape[1] // k.shape[1]
+        keys, values, gqa = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), False
     if backend is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=softmax_scale, enable_gqa=gqa)
     with sdpa_kernel([backend]):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=softmax_scale, enable_gqa=gqa)
+
+
+def _bias_takes_gqa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, backend: SDPBackend | None) -> bool:
+    """Whether ``causal_lower_right`` will dispatch to the flash kernel (the one of its paths that takes GQA)."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    def check() -> bool:
+        return can_use_flash_attention(SDPAParams(q, keys, values, None, 0.0, False, True))
+
+    if backend is None:
+        return check()
+    with sdpa_kernel([backend]):
+        return check()
 
 
 def prefixed_varlen_keys(k: torch.Tensor, prefix: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -56,7 +56,7 @@ def test_sdpa_prefix_attention_equals_reference(h, hkv, k, causal, shared_mask):
 
 
 def test_sdpa_prefix_attention_names_the_backend_it_was_forced_to():
-    q, key, val, pk, pv, paths = _padded(2, 4, 2, 9, 16, 2, 3)
+    q, key, val, pk, pv, paths = _padded(2, 4, 2, 9, 16, 2, 3, dtype=torch.bfloat16 if CUDA else torch.float32)
     run = sdpa_backends_run(lambda: sdpa_prefix_attention(q, key, val, pk, pv, paths, backend=SDPBackend.MATH))
     assert run == ("math",)
     run = sdpa_backends_run(lambda: sdpa_prefix_attention(q, key, val, pk, pv, paths,
