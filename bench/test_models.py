@@ -19,6 +19,7 @@ from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditiona
 from pdfkernels import models
 from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version
 from pdfkernels.bench.flops import count_flops
+from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.schema import timed_info
 from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
@@ -112,4 +113,5 @@ def test_model_forward(benchmark, arch, variant):
     benchmark.extra_info.update(timed_info(
         variant, "fwd", shape, str(DTYPE).removeprefix("torch."), device_name(),
         library_version("transformers" if variant == "unpatched" else "pdfkernels"), flops=flops.total,
+        peak_extra_bytes=cuda_peak_extra_bytes(timed) if CUDA else None,
         arch=arch, variant=variant, flop_count=flops.as_dict()))

@@ -19,6 +19,7 @@ import pytest
 
 from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version, sync
 from pdfkernels.bench.flops import count_flops
+from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.phases import PhaseTimer
 from pdfkernels.bench.schema import timed_info
 from pdfkernels.train import synthetic
@@ -76,8 +77,9 @@ def test_train_step(benchmark, variant):
         phases.remove()
     timed_steps = per_step[1:]  # the first is pedantic's warm-up round
     median_phases = {k: sorted(p[k] for p in timed_steps)[len(timed_steps) // 2] for k in timed_steps[0]}
+    peak = cuda_peak_extra_bytes(timed) if CUDA else None  # beyond the weights, gradients and optimizer state
     dtype = "bf16 autocast" if CUDA else "fp32"
     benchmark.extra_info.update(timed_info(
         variant, "step", f"{config.model} {BATCH} pairs", dtype, device_name(), library_version("pdfkernels"),
-        flops=flops.total, num_paths=paths, flop_count=flops.as_dict(), phases_ms=median_phases,
+        flops=flops.total, peak_extra_bytes=peak, num_paths=paths, flop_count=flops.as_dict(), phases_ms=median_phases,
         phase_timer=phases.timer))
