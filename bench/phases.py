@@ -1,7 +1,8 @@
 """The phases of one training step, timed from hooks (no change to the step's code): the vision tower's and the
 language model's forwards (forward hooks), the losses (from the last gradient-free forward to the first forward
 with gradients: GradCache's estimator and contrastive stages), the backward (from each forward with gradients to
-the next one or the optimizer; gradient clipping included) and the optimizer step (its hooks). On a GPU the
+the next one or the optimizer; gradient clipping included), the optimizer step (its hooks), and the rest of the
+step from its first forward to the optimizer's end (multimodal position ids, the embedding merge, pooling). On a GPU the
 marks are CUDA events (the step is not synchronised inside); on a CPU, wall-clock marks.
 
 PDF runs its N paths through the language model in one batched call, so "per path" is that call's time / N.
@@ -82,4 +83,7 @@ class PhaseTimer:
         out["backward (+ grad clip)"] = backward
         out["optimizer"] = self._ms(marks[optimizer[0]][3], marks[optimizer[1]][3])
         out["step"] = self._ms(marks[0][3], marks[optimizer[1]][3])
+        timed = ("vision tower fwd", "language model fwd", "losses (estimator + contrastive + MIM)",
+                 "backward (+ grad clip)", "optimizer")
+        out["other (position ids, embedding merge, pooling)"] = out["step"] - sum(out[k] for k in timed)
         return out
