@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pdfkernels.baselines import SDPA_KERNELS
 from pdfkernels.bench.schema import FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,3 +37,19 @@ def test_quick_run_writes_json_and_table(tmp_path):
     steps = {r["provider"]: r for r in rows if r["part"] == "train_step"}
     assert steps["pdf"]["flops"] > steps["baseline"]["flops"]
     assert steps["pdf"]["extra"]["flop_count"]["calls"]["text_backward"] >= 2  # queries and targets
+
+
+def test_quick_prefix_attention_lists_the_peers_and_their_backends(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--only", "prefix_attention", "--select",
+           "prefix_attention=fwd+bwd and not K0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (path,) = tmp_path.glob("cpu-*-quick.json")
+    rows = json.loads(path.read_text())["benchmarks"]
+    assert {r["provider"] for r in rows} == {"pdfkernels-varlen", "pdfkernels-padded", "sdpa-mask", "sdpa-lower-right"}
+    for r in rows:
+        assert r["mode"] == "fwd+bwd" and r["extra"]["backend"] and r["versions"]["provider"]
+    assert {r["extra"]["backend"] for r in rows if r["provider"].startswith("sdpa")} <= set(SDPA_KERNELS.values())
+    for missing in ("sdpa-cudnn", "flex", "flash-attn-varlen"):  # listed with the reason, not silently absent
+        assert f"- {missing}: " in done.stdout
+    assert "peer / ours = " in done.stdout
