@@ -50,12 +50,12 @@ def _setup(variant: str):
     queries, targets = zip(*(example(row, ImageLoader(config.image_dir)) for row in plan))
     queries, targets = list(queries), list(targets)
     q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)
-    return (lambda: train_step(parts, q, t, config, DEVICE)), parts, config
+    return (lambda: train_step(parts, q, t, config, DEVICE)), parts, config, q + t
 
 
 @pytest.mark.parametrize("variant", ["baseline", "pdf"])
 def test_train_step(benchmark, variant):
-    step, parts, config = _setup(variant)
+    step, parts, config, _ = _setup(variant)
 
     def timed():
         step()

@@ -112,3 +112,27 @@ def test_padded_batches_count_real_tokens_and_each_vision_block(kind):
         h.remove()
     assert count.text_attention == expected_text
     assert count.vision_attention == 4 * sum(seen) > 0
+
+
+@pytest.mark.parametrize("variant", ["baseline", "pdf"])
+def test_train_step_attention_counts_both_gradcache_forwards_and_one_backward(variant):
+    """The bench's train step (tiny preset, fully trained: no DoRA): each chunk's text and vision attention is
+    counted twice forward (GradCache's gradient-free pass and the re-forward) and once backward (2.5x)."""
+    from pdfkernels.bench.test_train_step import _setup
+
+    step, parts, config, chunks = _setup(variant)
+    count = count_flops(parts.model, step)
+    text = models.text_config(parts.model)
+    head_dim = text.hidden_size // text.num_attention_heads
+    paths = 1 if config.prefix_len == 0 else config.num_paths
+    forward = sum(4 * head_dim * text.num_attention_heads * text.num_hidden_layers * paths
+                  * (config.prefix_len * n + n * (n + 1) // 2)
+                  for chunk in chunks for n in chunk["attention_mask"].sum(1).tolist())
+    assert count.text_attention == 2 * forward + 5 * forward // 2  # every chunk's forward is a multiple of 4
+    assert count.calls["text"] == 2 * len(chunks) and count.calls["text_backward"] == len(chunks)
+    vision = models.patch.inner_model(parts.model).config.vision_config
+    with_images = [c["image_grid_thw"] for c in chunks if c.get("image_grid_thw") is not None]
+    vision_forward = sum(4 * vision.embed_dim * vision.depth * int(t) * (int(h) * int(w)) ** 2
+                         for grid in with_images for t, h, w in grid.tolist())
+    assert with_images and count.calls["vision_backward"] == len(with_images)
+    assert count.vision_attention == 2 * vision_forward + 5 * vision_forward // 2 and count.linear > 0
