@@ -64,10 +64,10 @@ def _cell(value, digits: int) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The markdown table of schema rows (device, versions and commit are the run's, printed in its header; the
-    provider's library version and the SDPA backend that ran are per row)."""
+    """The markdown table of schema rows (torch/triton/transformers versions and the commit are the run's, printed
+    in its header; the device, the provider's library version and the SDPA backend that ran are per row)."""
     lines = ["| provider | mode | shape | dtype | median ms | q20 ms | q80 ms | TFLOP/s | MFU | peak extra MiB | "
-             "provider version | backend |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "device | provider version | backend |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mfu"] is not None:
             mfu_cell = f"{100 * r['mfu']:.1f}%"
@@ -76,6 +76,6 @@ def markdown(rows: list[dict]) -> str:
         tflops = _cell(r["tflops"], 3 if r["device"] == "cpu" else 1)
         lines.append(f"| {r['provider']} | {r['mode']} | {r['shape']} | {r['dtype']} | {r['median_ms']:.3f} | "
                      f"{r['q20_ms']:.3f} | {r['q80_ms']:.3f} | {tflops} | "
-                     f"{mfu_cell} | {_cell(r['peak_extra_mib'], 1)} | {r['versions']['provider']} | "
+                     f"{mfu_cell} | {_cell(r['peak_extra_mib'], 1)} | {r['device']} | {r['versions']['provider']} | "
                      f"{r['extra'].get('backend', '')} |")
     return "\n".join(lines)

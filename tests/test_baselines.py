@@ -112,13 +112,13 @@ def _varlen_double(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attn_varlen_prefix_attention_equals_reference(causal):
-    lengths, h, hkv, d, n, k = [5, 1, 12, 7], 6, 2, 16, 2, 4
+    lengths, h, hkv, d, n, k = [5, 1, 0, 12, 7], 6, 2, 16, 2, 4
     total = sum(lengths)
     cu = cu_seqlens_from_lengths(lengths, device=DEVICE)
     tensors = (torch.randn(total, h, d, device=DEVICE), torch.randn(total, hkv, d, device=DEVICE),
                torch.randn(total, hkv, d, device=DEVICE), torch.randn(n, hkv, k, d, device=DEVICE),
                torch.randn(n, hkv, k, d, device=DEVICE))
-    paths = torch.tensor([1, 0, 1, 1], device=DEVICE)
+    paths = torch.tensor([1, 0, 0, 1, 1], device=DEVICE)
     upstream = torch.randn_like(tensors[0])
 
     def ours(*t):
