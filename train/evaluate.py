@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from pdfkernels import models
 
 from .data import Collator, ImageLoader
+from .eval_data import load_eval_subset
 from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
-from .rows import load_eval_rows
 
 Item = tuple[str, str]  # (text, image path or "")
+COUNTS = ("dropped_rows", "dropped_candidates")  # per subset in eval.json: what --bad-images skip left out
 
 
 def unique_items(rows: list[dict]) -> tuple[list[Item], list[Item], list[int], list[list[int]]]:
@@ -146,14 +147,16 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     model.eval()
     loader = ImageLoader(config.image_dir, config.allow_outside_images)
     results: dict = {}
-    for path in config.eval_data:
-        rows = load_eval_rows(path)
+    for path in config.eval_data:  # the rows and candidates the start check kept (train/eval_data.py)
+        data = load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
         subset = Path(path).stem
-        results[subset] = evaluate_subset(model, collator, rows, loader, config, aggregator, device, subset,
+        results[subset] = evaluate_subset(model, collator, data.rows, loader, config, aggregator, device, subset,
                                           should_stop)
+        results[subset].update(dropped_rows=data.dropped_rows, dropped_candidates=data.dropped_candidates)
     names = list(results)
     if names:
-        results["average"] = {m: sum(results[n][m] for n in names) / len(names) for m in results[names[0]]}
+        results["average"] = {m: sum(results[n][m] for n in names) / len(names) for m in results[names[0]]
+                              if m not in COUNTS}
     if world()[0] == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=1))
@@ -165,9 +168,13 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
 def markdown(results: dict) -> str:
     if not results:
         return ""
-    cols = list(next(iter(results.values())))
+    cols = [c for c in next(iter(results.values())) if c not in COUNTS]
     lines = ["| subset | " + " | ".join(f"P@1 {c}" if c != "chance" else "chance" for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+    dropped = [f"{name} {row['dropped_rows']} rows, {row['dropped_candidates']} candidates"
+               for name, row in results.items() if row.get("dropped_rows") or row.get("dropped_candidates")]
+    if dropped:
+        lines.append("\nLeft out for bad images (--bad-images skip): " + "; ".join(dropped) + ".")
     return "\n".join(lines) + "\n"
