@@ -7,6 +7,8 @@ by ``--bad-images``, never a crash inside a step).
 - Refused before decoding: more pixels than Pillow's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb; the
   processors would shrink it anyway) and an aspect ratio above ``MAX_ASPECT`` (Qwen2-VL's processor raises
   on it, inside the batch).
+- ``check`` applies every rule above, and refuses float pixels, from the file's header alone (no decoding):
+  the cheap check of the evaluation images before the first step.
 - Decoded as 8-bit RGB: the EXIF orientation applied (as Hugging Face's ``load_image``), 16-bit grey
   scaled to 8 bits (``convert`` would clip it to white), transparency composited on white (as the
   processors' ``convert_to_rgb``); 32-bit float images, whose range is undefined, are refused.
@@ -14,6 +16,8 @@ by ``--bad-images``, never a crash inside a step).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +56,14 @@ def _check_size(full: Path, width: int, height: int) -> None:
                        f"{height}) is above {MAX_ASPECT}:1, which the image processors refuse")
 
 
-def to_rgb(img: Image.Image, full: Path | str = "image") -> Image.Image:
-    """8-bit RGB without losing 16-bit grey to clipping or leaving transparent pixels undefined."""
+def _check_mode(img: Image.Image, full: Path | str) -> None:
     if img.mode == "F":
         raise BadImage(f"image {full}: 32-bit float pixels have no defined range; convert it to 8 or 16 bits")
+
+
+def to_rgb(img: Image.Image, full: Path | str = "image") -> Image.Image:
+    """8-bit RGB without losing 16-bit grey to clipping or leaving transparent pixels undefined."""
+    _check_mode(img, full)
     if img.mode in _SIXTEEN_BIT:
         values = np.asarray(img).astype(np.int64)
         if values.min() < 0 or values.max() > 65535:
@@ -67,16 +75,31 @@ def to_rgb(img: Image.Image, full: Path | str = "image") -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load(image_dir: str, path: str, allow_outside: bool = False) -> Image.Image:
-    """The RGB image at ``image_dir/path``; ``BadImage`` naming it for anything that cannot be trained on."""
-    full = confined(image_dir, path, allow_outside)
+@contextmanager
+def _opened(full: Path) -> Iterator[Image.Image]:
+    """The file opened lazily (header read, size checked); Pillow's errors as ``BadImage`` naming it."""
     try:
-        with Image.open(full) as img:  # reads the header only
+        with Image.open(full) as img:
             _check_size(full, *img.size)
-            upright = ImageOps.exif_transpose(img)
-            _check_size(full, *upright.size)
-            return to_rgb(upright, full)
+            yield img
     except Image.DecompressionBombError as exc:  # not an OSError: raised by Image.open itself
         raise BadImage(f"image {full}: {exc}") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"image {full}: {type(exc).__name__}: {exc}") from exc
+
+
+def check(image_dir: str, path: str, allow_outside: bool = False) -> None:
+    """``BadImage`` for what the header shows ``load`` would refuse (outside, missing, not an image, bomb,
+    aspect, float pixels). Damaged pixel data past a valid header is found only by ``load``."""
+    full = confined(image_dir, path, allow_outside)
+    with _opened(full) as img:  # EXIF orientation only swaps width and height: no effect on these rules
+        _check_mode(img, full)
+
+
+def load(image_dir: str, path: str, allow_outside: bool = False) -> Image.Image:
+    """The RGB image at ``image_dir/path``; ``BadImage`` naming it for anything that cannot be trained on."""
+    full = confined(image_dir, path, allow_outside)
+    with _opened(full) as img:  # reads the header only
+        upright = ImageOps.exif_transpose(img)
+        _check_size(full, *upright.size)
+        return to_rgb(upright, full)

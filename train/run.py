@@ -38,13 +38,13 @@ from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
 from .config import SHIPPED, TrainConfig, parse
+from .eval_data import check_eval_data
 from .evaluate import evaluate, markdown
 from .loader import train_batches
 from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .progress import Progress
-from .rows import load_eval_rows
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -125,9 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     if not config.train_data:
         default_data(config, rank)
-    if config.evaluate:  # a missing or malformed eval file stops now, not after the training
-        for path in config.eval_data:
-            load_eval_rows(path)
+    if config.evaluate:  # a missing or malformed eval file or image stops now, not after the training
+        check_eval_data(config)
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
