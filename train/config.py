@@ -12,6 +12,10 @@ from pathlib import Path
 VLM2VEC_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, refused before anything is read or written."""
+
+
 @dataclass
 class TrainConfig:
     # PDF (paper §4.1)
@@ -85,49 +89,49 @@ class TrainConfig:
                           ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0),
                           ("estimator_steps", 1), ("mi_negative_run", 1), ("mi_warn_every", 1)):
             if not getattr(self, name) >= low:  # `not >=` also refuses NaN
-                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.temperature < float("inf"):  # InfoNCE divides by it: 0 gives NaN losses at once
-            raise ValueError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
+            raise ConfigError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
         if self.resume and self.overwrite:
-            raise ValueError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
+            raise ConfigError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
                              "or replace it)")
         if self.lora_r is None:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
-            raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
+            raise ConfigError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
         for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0),
                           ("image_resolution", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
-                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:
-            raise ValueError(f"config: 'max_bad_fraction' expected in (0, 1], got {self.max_bad_fraction}")
+            raise ConfigError(f"config: 'max_bad_fraction' expected in (0, 1], got {self.max_bad_fraction}")
         for name, allowed in (("bad_rows", ("skip", "error")), ("dtype", ("auto", "bf16", "fp32")),
                               ("report_to", ("", "tensorboard", "wandb"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"config: '{name}' expected one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"config: '{name}' expected one of {allowed}, got {getattr(self, name)!r}")
         if self.subset_weights and len(self.subset_weights) != len(self.train_data):
-            raise ValueError(f"config: 'subset_weights' expected one weight per train_data file "
+            raise ConfigError(f"config: 'subset_weights' expected one weight per train_data file "
                              f"({len(self.train_data)}), got {len(self.subset_weights)}")
         self._check_combinations()
 
     def _check_combinations(self) -> None:
         """Settings that are each valid but cannot work together, or would fail only at the first step."""
         if self.num_paths == 1 and self.lambda_mim > 0:
-            raise ValueError(f"config: 'lambda_mim' ({self.lambda_mim}) needs 'num_paths' >= 2 (MIM is between "
+            raise ConfigError(f"config: 'lambda_mim' ({self.lambda_mim}) needs 'num_paths' >= 2 (MIM is between "
                              f"paths; with one path it would be silently off): pass --lambda-mim 0, --prefix-only "
                              f"or --num-paths 2")
         if self.num_paths == 1 and self.track_mi:
-            raise ValueError("config: 'track_mi' needs 'num_paths' >= 2 (the MI estimate is between paths)")
+            raise ConfigError("config: 'track_mi' needs 'num_paths' >= 2 (the MI estimate is between paths)")
         if self.num_paths > 1 and self.prefix_len == 0:
-            raise ValueError(f"config: 'num_paths' {self.num_paths} needs 'prefix_len' >= 1 (the paths differ only "
+            raise ConfigError(f"config: 'num_paths' {self.num_paths} needs 'prefix_len' >= 1 (the paths differ only "
                              f"by their prefixes); --baseline trains without a prefix")
         weights = self.subset_weights
         if weights and not (all(0 <= w < float("inf") for w in weights) and sum(weights) > 0):
-            raise ValueError(f"config: 'subset_weights' expected finite weights >= 0 with a positive sum, got "
+            raise ConfigError(f"config: 'subset_weights' expected finite weights >= 0 with a positive sum, got "
                              f"{weights}")
         # the sampler seeds a torch.Generator with seed * 1_000_003 + step, which must stay below 2**64
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
-            raise ValueError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
+            raise ConfigError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
 
     @property
     def uses_mim(self) -> bool:
@@ -187,6 +191,6 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"config file: unknown fields {sorted(unknown)}")
+        raise ConfigError(f"config file: unknown fields {sorted(unknown)}")
     values.update({k: v for k, v in args.items() if v is not None})
     return TrainConfig(**values)

@@ -37,14 +37,16 @@ import torch.distributed as dist  # noqa: E402
 from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
-from .config import SHIPPED, TrainConfig, parse
+from .config import SHIPPED, ConfigError, TrainConfig, parse
 from .eval_data import check_eval_data
 from .evaluate import evaluate, markdown
-from .loader import train_batches
+from .images import BadImage
+from .loader import BadData, train_batches
 from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .progress import Progress
+from .rows import BadRow
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -219,7 +221,8 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line: a failure the trainer detected is one line on stderr and exit status 1."""
     try:
         main(argv)
-    except (guards.NonFiniteError, checkpoint.CheckpointError, resume.ResumeError, outdir.OutDirError) as error:
+    except (ConfigError, BadRow, BadImage, BadData, guards.NonFiniteError, checkpoint.CheckpointError,
+            resume.ResumeError, outdir.OutDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -96,3 +96,10 @@ def test_a_missing_eval_image_is_skipped_and_counted_with_bad_images_skip(data, 
     assert (evaluation["t2i"]["dropped_rows"], evaluation["t2i"]["dropped_candidates"]) == (0, 0)
     assert set(evaluation["average"]) == {"single", "aggregate", "none", "chance"}
     assert "i2t 1 rows, 0 candidates" in (tmp_path / "run" / "eval.md").read_text()
+
+
+def test_the_command_line_says_a_bad_eval_image_in_one_line(data, tmp_path, capsys):
+    args = _missing_image_run(data, tmp_path, "--bad-images", "error")
+    assert run.cli(args) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "missing.png" in err and "Traceback" not in err

@@ -73,3 +73,9 @@ def test_track_mi_added_on_resume_starts_a_fresh_estimator(data, tmp_path, caplo
     assert [m["step"] for m in history] == [2, 3] and all("mi_estimate" in m for m in history)
     assert "holds no vCLUB estimator" in caplog.text
     assert checkpoint.read(checkpoint.latest(tmp_path / "checkpoints"))["estimator"] is not None
+
+
+def test_the_command_line_says_a_refused_setting_in_one_line(capsys):
+    assert run.cli(["--seed", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: config: 'seed' expected an integer") and "Traceback" not in err
