@@ -25,17 +25,16 @@ import sys
 
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from pdfkernels import models
+from pdfkernels.bench.flops import linear_conv_flops
 from pdfkernels.models.configs import has_qwen3vl, qwen2_5vl_3b, qwen2_5vl_7b, qwen2vl_2b, qwen3vl_2b
 from pdfkernels.train.config import VLM2VEC_TARGETS
 
 PAPER = {"vlm2vec_params_b": 2.214, "vlm2vec_share": 0.211, "pdf_params_b": 2.219, "pdf_share": 0.449,
          "baseline_tflops": 18.925, "single_tflops": 18.937, "aggregate_tflops": 24.999}
 IMAGE_SIDE, TEXT_TOKENS, NUM_PATHS, PREFIX_LEN = 1344, 10, 2, 20
-_COUNTED = ("mm", "addmm", "convolution")  # Linear and Conv layers; attention products are bmm/baddbmm
 _MERGED = ("merger", "deepstack_merger_list")  # vision modules that see the merged tokens (Qwen3-VL: DeepStack)
 # preset name -> (model class, config); Table 4 is the first
 BACKBONES = {"qwen2vl-2b": (Qwen2VLForConditionalGeneration, qwen2vl_2b),
@@ -57,11 +56,8 @@ def _meta_model(preset: str = "qwen2vl-2b"):
 
 
 def _linear_conv_flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    counts = counter.get_flop_counts()["Global"]
-    return sum(v for op, v in counts.items() if str(op).split(".")[1] in _COUNTED)
+    with torch.no_grad():
+        return linear_conv_flops(fn)
 
 
 def _vision_flops(visual: torch.nn.Module, patches: int, merged: int) -> int:

@@ -6,7 +6,8 @@ Every variant pools the last token from the multimodal model without the LM head
 does). GPU: the Qwen2-VL-2B architecture with random bf16 weights and one 1344x1344 image (2304 visual
 tokens), and LLaVA-1.6-Mistral-7B with one 672x672 image. CPU: a small Qwen2-VL (``small_qwen2vl``) with one
 224x224 image in fp32, labelled cpu. Compare the medians of one run: single prefix / unpatched (the paper
-counts +0.06% FLOPs), two paths / unpatched (1.32x FLOPs).
+counts +0.06% FLOPs), two paths / unpatched (1.32x FLOPs). Each variant's FLOPs are counted on one extra call
+(``bench/flops.py``, attention included), so TFLOP/s and MFU (GPU) follow from the median.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torch
 from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from pdfkernels import models
-from pdfkernels.bench.common import CUDA, DEVICE
+from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version
+from pdfkernels.bench.flops import count_flops
+from pdfkernels.bench.memory import cuda_peak_extra_bytes
+from pdfkernels.bench.schema import timed_info
 from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -102,6 +106,12 @@ def test_model_forward(benchmark, arch, variant):
 
     for _ in range(2):
         timed()
+    model, inputs = _case(arch)
+    flops = count_flops(model, timed)
     benchmark.pedantic(timed, rounds=10 if CUDA else 5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE),
-                                 "arch": arch, "variant": variant})
+    shape = f"{arch} 1 x {inputs['input_ids'].shape[1]} tokens"
+    benchmark.extra_info.update(timed_info(
+        variant, "fwd", shape, str(DTYPE).removeprefix("torch."), device_name(),
+        library_version("transformers" if variant == "unpatched" else "pdfkernels"), flops=flops.total,
+        peak_extra_bytes=cuda_peak_extra_bytes(timed) if CUDA else None,
+        arch=arch, variant=variant, flop_count=flops.as_dict()))

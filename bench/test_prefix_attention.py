@@ -1,15 +1,18 @@
-"""Prefix attention against what people use today: forward, backward, forward+backward.
+"""Prefix attention against the fastest ways a user could write it today: forward, backward, forward+backward.
 
     pytest bench/test_prefix_attention.py --benchmark-only
 
 GPU (bf16, head_dim 128, causal, K = 20, N = 2 paths alternating over sequences): 16k tokens as sequences
 of 512, 1k, 2k, 4k, with Qwen2-VL-2B heads (12 query / 2 KV) and LLaVA-Mistral heads (32 / 8). Providers:
-ours packed (varlen) and padded; (a) torch.cat of the prefix into K/V + SDPA with an explicit mask, one call
-for all paths; (b) FlexAttention with a prefix + causal + document block mask (compiled; mask creation
-timed separately, in extra_info); (c) flash-attn's varlen function on concatenated K/V, when installed;
-(d) ours at K = 0 against SDPA's flash backend with is_causal. TFLOP/s count the prefix:
-forward 4·D·(L·K + L(L+1)/2) per sequence and head, backward 2.5× that.
-CPU: the same code on 1k tokens in fp32 (our CPU path is the reference), labelled cpu; never GPU figures.
+ours packed (varlen) and padded; ``torch.cat`` of the prefix into K/V and SDPA (a) with an explicit boolean mask
+(the Hugging Face / PEFT way; SDPA's masked paths), (b) with ``causal_lower_right(L, K + L)`` and no mask tensor
+(SDPA picks flash or memory-efficient), (c) the same forced onto cuDNN (``sdpa_kernel``), and with the pattern as
+one shared ``[L, K + L]`` mask under cuDNN (each skipped with the reason where cuDNN refuses the call or another
+backend ran); (d) FlexAttention with a prefix + causal block mask
+(compiled; mask creation timed separately, in extra); (e) flash-attn's varlen call on prefixed K/V, when installed;
+and ours at K = 0 against SDPA with is_causal. Each row names the SDPA backend that ran (profiler) and the
+provider's library version. TFLOP/s count the prefix: forward 4·D·(L·K + L(L+1)/2) per sequence and head,
+backward 2.5× that. CPU: the same code on 1k tokens in fp32 (our CPU path is PyTorch), labelled cpu.
 """
 
 from __future__ import annotations
@@ -19,11 +22,18 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 import pdfkernels
-from pdfkernels.baselines import cat_sdpa_prefix_attention
-from pdfkernels.bench.common import CUDA, DEVICE, QUICK
+from pdfkernels.baselines import (
+    cat_sdpa_prefix_attention,
+    flash_attn_varlen_prefix_attention,
+    sdpa_backends_run,
+    sdpa_prefix_attention,
+)
+from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, library_version
 from pdfkernels.bench.memory import cuda_peak_extra_bytes
+from pdfkernels.bench.schema import timed_info
 from pdfkernels.layout import cu_seqlens_from_lengths
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -76,7 +86,19 @@ def _cat_sdpa(c: Case, q, k, v, pk, pv):
     return cat_sdpa_prefix_attention(q, k, v, pk, pv, c.paths)
 
 
-def _sdpa_flash_no_prefix(c: Case, q, k, v, pk, pv):
+def _sdpa_lower_right(c: Case, q, k, v, pk, pv):
+    return sdpa_prefix_attention(q, k, v, pk, pv, c.paths)
+
+
+def _sdpa_cudnn(c: Case, q, k, v, pk, pv):
+    return sdpa_prefix_attention(q, k, v, pk, pv, c.paths, backend=SDPBackend.CUDNN_ATTENTION)
+
+
+def _sdpa_cudnn_mask(c: Case, q, k, v, pk, pv):
+    return sdpa_prefix_attention(q, k, v, pk, pv, c.paths, backend=SDPBackend.CUDNN_ATTENTION, shared_mask=True)
+
+
+def _sdpa_causal_no_prefix(c: Case, q, k, v, pk, pv):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
@@ -110,24 +132,28 @@ def _flex_setup(c: Case) -> float:
 
 
 def _flash_attn_varlen(c: Case, q, k, v, pk, pv):
-    from flash_attn import flash_attn_varlen_func
-
     def pack(t):
         return t.transpose(1, 2).reshape(-1, t.shape[1], HEAD_DIM)
 
-    keys = torch.cat([pk[c.paths], k], dim=2)
-    values = torch.cat([pv[c.paths], v], dim=2)
-    cu_k = cu_seqlens_from_lengths([c.seq_len + c.prefix] * c.num_seqs, device=DEVICE)
-    return flash_attn_varlen_func(pack(q), pack(keys), pack(values), c.cu, cu_k, c.seq_len, c.seq_len + c.prefix,
-                                  causal=True)  # bottom-right aligned: prefix visible to all
+    out = flash_attn_varlen_prefix_attention(pack(q), pack(k), pack(v), pk, pv, c.cu, c.seq_len, c.paths)
+    return out.view(c.num_seqs, c.seq_len, c.heads, HEAD_DIM)
 
 
-PROVIDERS = {"pdfkernels-varlen": _ours_varlen, "pdfkernels-padded": _ours_padded, "cat+sdpa": _cat_sdpa}
-if CUDA:
-    PROVIDERS["flex"] = _flex
-    if importlib.util.find_spec("flash_attn") is not None:
-        PROVIDERS["flash-attn-varlen"] = _flash_attn_varlen
-NO_PREFIX_PROVIDERS = {"pdfkernels-varlen-K0": _ours_varlen, "sdpa-flash-K0": _sdpa_flash_no_prefix}
+# provider -> (function, library whose version the row names, why it cannot run here or None)
+_NO_FLASH_ATTN = None if importlib.util.find_spec("flash_attn") else "flash-attn is not installed"
+PROVIDERS = {
+    "pdfkernels-varlen": (_ours_varlen, "pdfkernels", None),
+    "pdfkernels-padded": (_ours_padded, "pdfkernels", None),
+    "sdpa-mask": (_cat_sdpa, "torch", None),
+    "sdpa-lower-right": (_sdpa_lower_right, "torch", None),
+    "sdpa-cudnn": (_sdpa_cudnn, "cudnn", None if CUDA else "cuDNN runs on CUDA only"),
+    "sdpa-cudnn-mask": (_sdpa_cudnn_mask, "cudnn", None if CUDA else "cuDNN runs on CUDA only"),
+    "flex": (_flex, "torch", None if CUDA else "FlexAttention is timed on CUDA only (CPU: inductor C++ compile)"),
+    "flash-attn-varlen": (_flash_attn_varlen, "flash_attn", _NO_FLASH_ATTN or (None if CUDA else "needs CUDA")),
+}
+NO_PREFIX_PROVIDERS = {"pdfkernels-varlen-K0": (_ours_varlen, "pdfkernels", None),
+                       "sdpa-causal-K0": (_sdpa_causal_no_prefix, "torch", None)}
+OWN_BACKENDS = {"flex": "flex (compiled)", "flash-attn-varlen": "flash-attn"}
 
 _CASES: dict = {}
 
@@ -159,12 +185,31 @@ def _runner(fn, c: Case, mode: str):
     return run
 
 
-def _bench(benchmark, provider, fn, seq_len, heads, kv_heads, prefix, mode):
+def _backend(provider: str, fn, c: Case) -> str:
+    """The attention backend the provider's forward ran; the sdpa-cudnn rows are skipped unless it is cuDNN."""
+    if provider in OWN_BACKENDS:
+        return OWN_BACKENDS[provider]
+    try:
+        with torch.no_grad():
+            ran = sdpa_backends_run(lambda: fn(c, c.q, c.k, c.v, c.pk, c.pv))
+    except RuntimeError as exc:
+        if provider.startswith("sdpa-cudnn"):
+            pytest.skip(f"{provider}: cuDNN refuses this call ({str(exc).splitlines()[0][:120]})")
+        raise
+    if provider.startswith("sdpa-cudnn") and ran != ("cudnn",):
+        pytest.skip(f"{provider}: forced cuDNN, but {ran} ran")
+    return "+".join(ran) or ("triton" if CUDA else "pytorch (no SDPA kernel)")
+
+
+def _bench(benchmark, provider, spec, seq_len, heads, kv_heads, prefix, mode):
+    fn, library, unavailable = spec
+    if unavailable:
+        pytest.skip(f"{provider}: {unavailable}")
     c = _case(seq_len, heads, kv_heads, prefix)
-    info = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "seq_len": seq_len,
-            "num_seqs": c.num_seqs, "heads": heads, "kv_heads": kv_heads, "K": prefix, "mode": mode}
+    extra = {"seq_len": seq_len, "num_seqs": c.num_seqs, "heads": heads, "kv_heads": kv_heads, "K": prefix}
     if provider == "flex":
-        info["flex_block_mask_ms"] = _flex_setup(c)
+        extra["flex_block_mask_ms"] = _flex_setup(c)
+    extra["backend"] = _backend(provider, fn, c)
     run = _runner(fn, c, mode)
 
     def timed():
@@ -175,11 +220,11 @@ def _bench(benchmark, provider, fn, seq_len, heads, kv_heads, prefix, mode):
     for _ in range(3):
         timed()  # warm-up: compiles, autotuning, allocator
     benchmark.pedantic(timed, rounds=20 if CUDA else 3, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    info["tflops_median"] = _flops(seq_len, c.num_seqs, heads, prefix, mode) / median / 1e12
-    if CUDA:
-        info["peak_extra_bytes"] = cuda_peak_extra_bytes(timed)
-    benchmark.extra_info.update(info)
+    shape = f"S{c.num_seqs}xL{seq_len} H{heads}/{kv_heads} D{HEAD_DIM} K{prefix}"
+    benchmark.extra_info.update(timed_info(
+        provider, mode, shape, str(DTYPE).removeprefix("torch."), device_name(), library_version(library),
+        flops=_flops(seq_len, c.num_seqs, heads, prefix, mode),
+        peak_extra_bytes=cuda_peak_extra_bytes(timed) if CUDA else None, **extra))
 
 
 @pytest.mark.parametrize("mode", MODES)

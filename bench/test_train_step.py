@@ -3,7 +3,11 @@
     pytest bench/test_train_step.py --benchmark-only
 
 GPU: the Qwen2-VL-2B architecture, random bf16 weights, DoRA r=8, 8 (query, target) pairs of text and one
-448x448 image. CPU: the tiny preset on 32 pairs of the generated shapes set, labelled cpu.
+448x448 image. CPU: the tiny preset on 32 pairs of the generated shapes set, labelled cpu (no MFU).
+
+Each variant's FLOPs are counted on one extra step (``bench/flops.py``: what the step executes, GradCache's
+gradient-free forward included, attention included), so TFLOP/s and MFU follow from the median; the phases
+(``bench/phases.py``) are medians over the timed steps.
 """
 
 from __future__ import annotations
@@ -13,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from pdfkernels.bench.common import CUDA, DEVICE, device_name, sync
+from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version, sync
+from pdfkernels.bench.flops import count_flops
+from pdfkernels.bench.memory import cuda_peak_extra_bytes
+from pdfkernels.bench.phases import PhaseTimer
+from pdfkernels.bench.schema import timed_info
 from pdfkernels.train import synthetic
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader, TrainSampler, example
@@ -42,17 +50,36 @@ def _setup(variant: str):
     queries, targets = zip(*(example(row, ImageLoader(config.image_dir)) for row in plan))
     queries, targets = list(queries), list(targets)
     q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)
-    return lambda: train_step(parts, q, t, config, DEVICE)
+    return (lambda: train_step(parts, q, t, config, DEVICE)), parts, config, q + t
 
 
 @pytest.mark.parametrize("variant", ["baseline", "pdf"])
 def test_train_step(benchmark, variant):
-    step = _setup(variant)
+    step, parts, config, _ = _setup(variant)
 
     def timed():
         step()
         sync()
 
     timed()
-    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({"device": device_name(), "variant": variant, "pairs": BATCH})
+    flops = count_flops(parts.model, timed)
+    paths = 1 if config.prefix_len == 0 else config.num_paths
+    phases = PhaseTimer(parts.model, parts.optimizer, paths)
+    per_step: list[dict] = []
+
+    def timed_with_phases():
+        timed()
+        per_step.append(phases.phases())
+
+    try:
+        benchmark.pedantic(timed_with_phases, rounds=5, iterations=1, warmup_rounds=1)
+    finally:
+        phases.remove()
+    timed_steps = per_step[1:]  # the first is pedantic's warm-up round
+    median_phases = {k: sorted(p[k] for p in timed_steps)[len(timed_steps) // 2] for k in timed_steps[0]}
+    peak = cuda_peak_extra_bytes(timed) if CUDA else None  # beyond the weights, gradients and optimizer state
+    dtype = "bf16 autocast" if CUDA else "fp32"
+    benchmark.extra_info.update(timed_info(
+        variant, "step", f"{config.model} {BATCH} pairs", dtype, device_name(), library_version("pdfkernels"),
+        flops=flops.total, peak_extra_bytes=peak, num_paths=paths, flop_count=flops.as_dict(), phases_ms=median_phases,
+        phase_timer=phases.timer))

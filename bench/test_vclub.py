@@ -18,8 +18,9 @@ import torch
 import pdfkernels
 from pdfkernels import backend
 from pdfkernels.baselines import club_broadcast_mim
-from pdfkernels.bench.common import CUDA, DEVICE, QUICK
+from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, library_version
 from pdfkernels.bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
+from pdfkernels.bench.schema import timed_info
 
 if CUDA:
     SHAPES = [(2, 256, 1536), (2, 512, 1536), (2, 1024, 1536), (4, 1024, 3584)]
@@ -79,10 +80,9 @@ def test_mim_loss_forward_backward(benchmark, provider, n, b, d):
     benchmark.pedantic(lambda: _step(fn, rotation[next(calls) % 3]), rounds=5 if DEVICE.type == "cpu" else 20,
                        iterations=1, warmup_rounds=1)
     element_bytes = torch.finfo(DTYPE).bits // 8
-    benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        "dtype": str(DTYPE), "N": n, "B": b, "d": d,
-        "peak_extra_bytes": (cuda_peak_extra_bytes(lambda: _step(fn, rotation[0])) if DEVICE.type == "cuda"
-                             else cpu_peak_extra_bytes("pdfkernels.bench.test_vclub:prepared_step", provider, n, b, d)),
-        "input_bytes": 3 * n * b * d * element_bytes,
-    })
+    peak = (cuda_peak_extra_bytes(lambda: _step(fn, rotation[0])) if DEVICE.type == "cuda"
+            else cpu_peak_extra_bytes("pdfkernels.bench.test_vclub:prepared_step", provider, n, b, d))
+    library = "pdfkernels" if provider == "pdfkernels" else "torch"
+    benchmark.extra_info.update(timed_info(
+        provider, "fwd+bwd", f"N{n} B{b} d{d}", str(DTYPE).removeprefix("torch."), device_name(),
+        library_version(library), peak_extra_bytes=peak, N=n, B=b, d=d, input_bytes=3 * n * b * d * element_bytes))

@@ -40,23 +40,43 @@ def save_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
             os.remove(tmp)
 
 
+def _same_kind(file: torch.Tensor, own: torch.Tensor) -> bool:
+    """A floating tensor may load into another floating dtype (fp32 master into bf16); anything else must
+    match exactly (``copy_`` would cast an int tensor silently)."""
+    return file.dtype == own.dtype or (file.dtype.is_floating_point and own.dtype.is_floating_point)
+
+
 def _check_fits(path, name: str, module: nn.Module, state: dict) -> None:
     if not state:
         raise ValueError(f"load_pdf: {path} holds no {name} weights")
     own = module.state_dict()
     wrong = sorted(k for k in own.keys() | state.keys()
-                   if k not in own or k not in state or tuple(own[k].shape) != tuple(state[k].shape))
+                   if k not in own or k not in state or tuple(own[k].shape) != tuple(state[k].shape)
+                   or not _same_kind(state[k], own[k]))
     if wrong:
-        details = ", ".join(f"{k}: file {tuple(state[k].shape) if k in state else 'missing'}, "
-                            f"module {tuple(own[k].shape) if k in own else 'missing'}" for k in wrong)
+        details = ", ".join(f"{k}: file {_spec(state.get(k))}, module {_spec(own.get(k))}" for k in wrong)
         raise ValueError(f"load_pdf: the {name} weights in {path} do not fit the given {name} ({details})")
+
+
+def _spec(t: torch.Tensor | None) -> str:
+    return "missing" if t is None else f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _check_prefix(path, tensors: dict, prefix: torch.Tensor) -> None:
+    """The stored prefix exists and has the model's exact shape (``copy_`` would broadcast one of another
+    shape: one path's prefix into every path) and a floating dtype."""
+    stored = tensors.get("prefix")
+    if stored is None or tuple(stored.shape) != tuple(prefix.shape) or not _same_kind(stored, prefix):
+        raise ValueError(f"load_pdf: the prefix in {path} does not fit this model (file {_spec(stored)}, model "
+                         f"{_spec(prefix)})")
 
 
 def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | None = None,
              estimator: nn.Module | None = None) -> dict:
     """Load what ``save_pdf`` wrote into a patched model (and the given modules); returns the stored description.
     A model of another type or shape (N, K, layers, KV heads, head_dim), or an aggregator/estimator whose weights
-    differ in name or shape, is refused with a clear error before anything is loaded."""
+    differ in name, shape or dtype kind, or a prefix tensor that is missing or of another shape or dtype, is
+    refused with a clear error before anything is loaded."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -69,6 +89,7 @@ def load_pdf(path: str | os.PathLike, model: nn.Module, aggregator: nn.Module | 
         details = ", ".join(f"{k}: file {a!r}, model {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"load_pdf: {path} does not fit this model ({details})")
     tensors = load_file(str(path))
+    _check_prefix(path, tensors, hf_model(model).pdf_prefix)
     states = {}
     for name, module in (("aggregator", aggregator), ("estimator", estimator)):
         if module is not None:

@@ -1,5 +1,7 @@
 """The contrastive part of the PDF objective over the global batch (Eq. 7), shared by the lean trainer and the
-VLM2Vec integration: InfoNCE with in-batch negatives across ranks through a differentiable all-gather."""
+VLM2Vec integration: InfoNCE with in-batch negatives across ranks through a differentiable all-gather, and
+optionally hard negatives (embeddings of each query's given non-matches), gathered the same way and added to
+every query's candidates."""
 
 from __future__ import annotations
 
@@ -23,20 +25,26 @@ def gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=dim)
 
 
-def info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with in-batch negatives on cosine similarity: query k's positive is target k."""
-    q, t = F.normalize(queries.float(), dim=-1), F.normalize(targets.float(), dim=-1)
+def info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float,
+             negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE on cosine similarity: query k's positive is target k; the other targets and, when given, every
+    row of ``negatives`` (``[M, d]``: the hard negatives of all queries) are its negatives."""
+    candidates = targets if negatives is None else torch.cat([targets, negatives])
+    q, t = F.normalize(queries.float(), dim=-1), F.normalize(candidates.float(), dim=-1)
     logits = q @ t.T / temperature
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
-def pdf_contrastive(q: torch.Tensor, t: torch.Tensor, aggregator, temperature: float,
-                    lambda_con: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pdf_contrastive(q: torch.Tensor, t: torch.Tensor, aggregator, temperature: float, lambda_con: float,
+                    negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, agg, per_path)``: InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i) on embeddings
-    ``[N, B, d]``; with one path (no aggregator) all three are that path's InfoNCE."""
+    ``[N, B, d]``; with one path (no aggregator) all three are that path's InfoNCE. ``negatives`` ``[N, M, d]``
+    (the hard negatives' embeddings per path) join every path's candidates, and their aggregate the aggregate's."""
     if q.shape[0] == 1:
-        loss = info_nce(q[0], t[0], temperature)
+        loss = info_nce(q[0], t[0], temperature, None if negatives is None else negatives[0])
         return loss, loss, loss
-    agg = info_nce(aggregator(q), aggregator(t), temperature)
-    per_path = torch.stack([info_nce(q[i], t[i], temperature) for i in range(q.shape[0])]).mean()
+    agg_negatives = None if negatives is None else aggregator(negatives)
+    agg = info_nce(aggregator(q), aggregator(t), temperature, agg_negatives)
+    per_path = torch.stack([info_nce(q[i], t[i], temperature, None if negatives is None else negatives[i])
+                            for i in range(q.shape[0])]).mean()
     return agg + lambda_con * per_path, agg, per_path

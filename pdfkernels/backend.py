@@ -29,6 +29,10 @@ def use_triton(t: torch.Tensor) -> bool:
     choice = requested()
     if choice == "auto":
         return t.is_cuda
+    if choice == "triton" and not t.is_cuda and not interpreting():  # Triton would say "0 active drivers"
+        raise RuntimeError(f"{ENV_VAR}=triton on a {t.device.type} tensor needs Triton's interpreter: set "
+                           f"TRITON_INTERPRET=1 before pdfkernels is imported, use CUDA tensors, or set "
+                           f"{ENV_VAR}=torch")
     return choice == "triton"
 
 
@@ -46,8 +50,14 @@ def use_triton_for(op: str, t: torch.Tensor) -> bool:
 
 
 def interpreting() -> bool:
-    """Triton's interpreter runs kernels on the CPU; some dtypes need upcasting there (FACTS.md)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton's interpreter runs kernels on the CPU; some dtypes need upcasting there (FACTS.md). Read as
+    Triton reads ``TRITON_INTERPRET`` (its knob takes "true", "on", "yes" too); a Triton without knobs
+    (before 3.4) compared the variable with "1"."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def new_output(like: torch.Tensor, shape: tuple[int, ...] | None = None,

@@ -160,12 +160,13 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     configs.launch(kernel, options, _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device,
                    head_dim, causal, layout.varlen, has_mask,
                    lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args)
-    # [N, S, 1]; a comparison, not one_hot, which reads the ids on the host (a sync, no CUDA-graph capture)
-    one_hot = (torch.arange(num_paths, device=path_ids.device)[:, None] == path_ids[None, :]).float()[:, :, None]
+    # a select, not a product with a one-hot: 0 * NaN is NaN, and one path's NaN must not reach another path;
+    # a comparison, not one_hot, which reads the ids on the host (a sync, no CUDA-graph capture)
+    of_path = (torch.arange(num_paths, device=path_ids.device)[:, None] == path_ids[None, :])[:, :, None]  # [N, S, 1]
     per_path = []
     for part in (dpk_part, dpv_part):
         per_seq = part[:, :, :, :num_prefix, :head_dim].sum(2).flatten(1)  # [S, Hkv * K * D]
-        summed = (one_hot * per_seq[None]).sum(1).view(num_paths, hkv, num_prefix, head_dim)
+        summed = torch.where(of_path, per_seq[None], 0.0).sum(1).view(num_paths, hkv, num_prefix, head_dim)
         per_path.append(summed.to(pk.dtype))
     dpk, dpv = per_path
     return dq, dk, dv, dpk, dpv

@@ -94,10 +94,11 @@ def backward(do, q, k, v, pk, pv, path_ids, mask, out, lse, causal: bool, scale:
         dvalues = p.transpose(-1, -2) @ do
     dkeys = dkeys.reshape(b, hkv, group, *keys.shape[2:]).sum(2)  # the GQA group's query heads, summed
     dvalues = dvalues.reshape(b, hkv, group, *keys.shape[2:]).sum(2)
-    # per path: a masked sum over the rows of that path (deterministic, no index_add atomics on any device)
-    owner = (torch.arange(pk.shape[0], device=q.device)[:, None] == path_ids[None, :]).to(acc)  # [N, B]
-    dpk = torch.einsum("nb,bhkd->nhkd", owner, dkeys[:, :, :num_prefix])
-    dpv = torch.einsum("nb,bhkd->nhkd", owner, dvalues[:, :, :num_prefix])
+    # per path: a select-and-sum over the rows of that path (deterministic, no index_add atomics on any device;
+    # a select, not a one-hot product, so that one path's NaN never reaches another path)
+    of_path = (torch.arange(pk.shape[0], device=q.device)[:, None] == path_ids[None, :])[:, :, None, None, None]
+    dpk = torch.where(of_path, dkeys[None, :, :, :num_prefix], 0.0).sum(1)
+    dpv = torch.where(of_path, dvalues[None, :, :, :num_prefix], 0.0).sum(1)
     return (dq.to(q.dtype), dkeys[:, :, num_prefix:].to(k.dtype), dvalues[:, :, num_prefix:].to(v.dtype),
             dpk.to(pk.dtype), dpv.to(pv.dtype))
 

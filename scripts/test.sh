@@ -10,4 +10,4 @@ source scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/ruff check .
 .venv/bin/python -m pytest tests -q "$@"
-bash scripts/compat-tf452.sh  # transformers 4.52.3 (VLM2Vec's pin): the model tests and the ops' self-check
+bash scripts/compat-tf452.sh  # transformers 4.52.3 (VLM2Vec's pin): the model and trainer tests, the ops' self-check

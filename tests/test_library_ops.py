@@ -10,6 +10,7 @@ import torch
 import torch._dynamo
 
 import pdfkernels
+import pdfkernels.reference
 from pdfkernels import backend
 
 
@@ -152,3 +153,18 @@ def test_opcheck_on_the_interpreted_triton_kernels(monkeypatch):
                      (ops.mim_loss, (y3, mu3, lv3)), (ops.estimator_nll, (y3, mu3, lv3)),
                      (ops.gaussian_loglik_pairwise, (y2, mu2, lv2))]:
         torch.library.opcheck(op, args)
+
+
+def test_a_nan_in_one_path_stays_in_that_paths_prefix_gradients():
+    """The PyTorch path sums each path's rows by selection: a NaN upstream in a path-0 row leaves path 1's
+    prefix gradients equal to the float64 reference's (a one-hot product would spread 0 * NaN)."""
+    q, k, v, pk, pv, _, _ = _attention_inputs()
+    ids = torch.tensor([0, 1, 1])
+    upstream = torch.randn(q.shape)
+    upstream[0] = float("nan")
+    grads = torch.autograd.grad(pdfkernels.prefix_attention(q, k, v, pk, pv, ids), (pk, pv), upstream)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    ref = torch.autograd.grad(pdfkernels.reference.prefix_attention(*exact, ids), exact[3:], upstream.double())
+    for g, r in zip(grads, ref):
+        assert not torch.isfinite(g[0]).all()
+        torch.testing.assert_close(g[1].double(), r[1], rtol=1e-5, atol=1e-5)

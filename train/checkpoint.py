@@ -3,13 +3,17 @@ last k of this run kept, and everything needed to continue exactly (weights, bot
 states, the step).
 
 Beside each ``step_N.pt`` a ``step_N.pt.json`` records its size, SHA-256 and the run it belongs to. Loading
-checks them; a damaged checkpoint (truncated, empty, unreadable) is set aside as ``step_N.pt.damaged`` with a
-warning naming it, and the previous intact one is used. Pruning only ever removes this run's older
-checkpoints, and a checkpoint is never written over a later one.
+checks them, and always (a checkpoint copied without its record too) the CRC-32 that the zip container
+stores for every member, which ``torch.load`` itself never checks. A damaged checkpoint (truncated, empty,
+flipped bytes, unreadable) is set aside as ``step_N.pt.damaged`` with a warning naming it, and the previous
+intact one is used. Checkpoints load with ``weights_only=True``: a crafted file cannot run code (its pickle
+may only build tensors and plain containers); one that needs more is refused as unreadable.
+Pruning only ever removes this run's older checkpoints, and a checkpoint is never written over a later one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -17,6 +21,7 @@ import logging
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -83,7 +88,7 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
     tmp = folder / f".step_{step:07d}.pt.tmp"
     record_tmp = folder / f".step_{step:07d}.pt.json.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as f, _crc32_on():
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -103,6 +108,21 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
         raise CheckpointError(f"cannot write checkpoint {path}: {error}") from error
     _prune(folder, keep, run_id)
     return path
+
+
+@contextlib.contextmanager
+def _crc32_on():
+    """torch.save with the zip CRC-32s computed (``load_latest_intact`` checks them) even where the user's
+    code turned them off (``torch.serialization.set_crc32_options(False)``, for speed)."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    previous = get() if get is not None else True
+    if not previous:
+        torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        if not previous:
+            torch.serialization.set_crc32_options(False)
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -136,17 +156,31 @@ def latest(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _zip_damage(path: Path) -> str | None:
+    """Why the zip container of ``path`` is damaged (a member's CRC-32 or the directory), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and compares its CRC-32
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"not a readable zip container ({type(error).__name__}: {error})"
+    return f"member {bad} fails its CRC-32 check" if bad else None
+
+
 def damage(path: Path) -> str | None:
-    """Why ``path`` is not the file its checksum record describes, or None when it is (or has no record)."""
+    """Why ``path`` is not the file its checksum record describes or its zip's CRC-32s say, or None."""
     record = _record(path)
-    if not record:
-        return None
-    size = path.stat().st_size
-    if size != record.get("bytes"):
-        return f"{size} bytes, {record.get('bytes')} recorded"
-    if _sha256(path) != record.get("sha256"):
-        return "SHA-256 differs from the recorded one"
-    return None
+    if record:
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            return f"{size} bytes, {record.get('bytes')} recorded"
+        if _sha256(path) != record.get("sha256"):
+            return "SHA-256 differs from the recorded one"
+    return _zip_damage(path)
+
+
+def read(path: str | Path) -> dict:
+    """A checkpoint's state, unpickled with ``weights_only=True`` (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_latest_intact(folder: str | Path, set_aside: bool = True) -> tuple[Path, dict] | None:
@@ -159,9 +193,9 @@ def load_latest_intact(folder: str | Path, set_aside: bool = True) -> tuple[Path
         try:
             problem = damage(path)
             if not checksum_file(path).exists():
-                log.warning("checkpoint %s has no checksum record %s: loading it unverified", path,
+                log.warning("checkpoint %s has no checksum record %s: verified by its zip CRC-32s only", path,
                             checksum_file(path).name)
-            state = None if problem else torch.load(path, map_location="cpu", weights_only=False)
+            state = None if problem else read(path)
         except Exception as error:  # a truncated zip, an empty file, a file removed meanwhile
             problem, state = f"cannot be read: {type(error).__name__}: {error}", None
         if state is not None and not (isinstance(state, dict) and {"step", "model"} <= set(state)):
@@ -183,7 +217,7 @@ def load_latest_intact(folder: str | Path, set_aside: bool = True) -> tuple[Path
 def restore(path: str | Path, parts, state: dict | None = None) -> int:
     """Load a checkpoint (or its already loaded ``state``) into ``parts``; returns the step it was written after."""
     if state is None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read(path)
     params = dict(parts.model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
     if missing:
@@ -197,10 +231,12 @@ def restore(path: str | Path, parts, state: dict | None = None) -> int:
             params[name].copy_(value)
     if parts.aggregator is not None:
         parts.aggregator.load_state_dict(state["aggregator"])
-    if parts.estimator is not None:
+    if parts.estimator is not None and state.get("estimator") is None:  # --track-mi added on resume
+        log.warning("checkpoint %s holds no vCLUB estimator (it trained none): the estimator starts fresh", path)
+    elif parts.estimator is not None:
         parts.estimator.load_state_dict(state["estimator"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.estimator_optimizer is not None:
+    if parts.estimator_optimizer is not None and state.get("estimator_optimizer") is not None:
         parts.estimator_optimizer.load_state_dict(state["estimator_optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])

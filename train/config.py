@@ -12,6 +12,10 @@ from pathlib import Path
 VLM2VEC_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, refused before anything is read or written."""
+
+
 @dataclass
 class TrainConfig:
     # PDF (paper §4.1)
@@ -50,9 +54,12 @@ class TrainConfig:
     subset_weights: list[float] = field(default_factory=list)  # per-subset sampling weights (default uniform)
     eval_data: list[str] = field(default_factory=list)
     image_dir: str = ""
+    allow_outside_images: bool = False  # read image paths leading out of image_dir (absolute, '..', symlinks)
     bad_images: str = "skip"  # "skip" (count, warn, replace the row) or "error"
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
+    image_resolution: int = 0  # > 0: images resized to this square first (VLM2Vec: high 1344, low 128); 0: as stored
+    hard_negatives: int = 0  # hard negatives per query (neg_text/neg_image_path, the first so many); 0: none
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
     num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
     eval_batch_size: int = 64  # rows per evaluation forward
@@ -76,33 +83,55 @@ class TrainConfig:
             self.lambda_mim = 0.0
         if self.no_path_loss:
             self.lambda_con = 0.0
-        for name, low in (("num_paths", 1), ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
+        for name, low in (("num_paths", 1), ("prefix_len", 0), ("lambda_mim", 0), ("lambda_con", 0),
+                          ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
                           ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
                           ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0),
                           ("estimator_steps", 1), ("mi_negative_run", 1), ("mi_warn_every", 1)):
             if not getattr(self, name) >= low:  # `not >=` also refuses NaN
-                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.temperature < float("inf"):  # InfoNCE divides by it: 0 gives NaN losses at once
-            raise ValueError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
+            raise ConfigError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
         if self.resume and self.overwrite:
-            raise ValueError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
+            raise ConfigError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
                              "or replace it)")
         if self.lora_r is None:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
-            raise ValueError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
-        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0)):
+            raise ConfigError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0),
+                          ("image_resolution", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
-                raise ValueError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
+                raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:
-            raise ValueError(f"config: 'max_bad_fraction' expected in (0, 1], got {self.max_bad_fraction}")
+            raise ConfigError(f"config: 'max_bad_fraction' expected in (0, 1], got {self.max_bad_fraction}")
         for name, allowed in (("bad_rows", ("skip", "error")), ("dtype", ("auto", "bf16", "fp32")),
                               ("report_to", ("", "tensorboard", "wandb"))):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"config: '{name}' expected one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"config: '{name}' expected one of {allowed}, got {getattr(self, name)!r}")
         if self.subset_weights and len(self.subset_weights) != len(self.train_data):
-            raise ValueError(f"config: 'subset_weights' expected one weight per train_data file "
+            raise ConfigError(f"config: 'subset_weights' expected one weight per train_data file "
                              f"({len(self.train_data)}), got {len(self.subset_weights)}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Settings that are each valid but cannot work together, or would fail only at the first step."""
+        if self.num_paths == 1 and self.lambda_mim > 0:
+            raise ConfigError(f"config: 'lambda_mim' ({self.lambda_mim}) needs 'num_paths' >= 2 (MIM is between "
+                             f"paths; with one path it would be silently off): pass --lambda-mim 0, --prefix-only "
+                             f"or --num-paths 2")
+        if self.num_paths == 1 and self.track_mi:
+            raise ConfigError("config: 'track_mi' needs 'num_paths' >= 2 (the MI estimate is between paths)")
+        if self.num_paths > 1 and self.prefix_len == 0:
+            raise ConfigError(f"config: 'num_paths' {self.num_paths} needs 'prefix_len' >= 1 (the paths differ only "
+                             f"by their prefixes); --baseline trains without a prefix")
+        weights = self.subset_weights
+        if weights and not (all(0 <= w < float("inf") for w in weights) and sum(weights) > 0):
+            raise ConfigError(f"config: 'subset_weights' expected finite weights >= 0 with a positive sum, got "
+                             f"{weights}")
+        # the sampler seeds a torch.Generator with seed * 1_000_003 + step, which must stay below 2**64
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise ConfigError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
 
     @property
     def uses_mim(self) -> bool:
@@ -113,7 +142,24 @@ class TrainConfig:
         return self.uses_mim or (self.num_paths > 1 and self.track_mi)
 
 
-def _load_file(path: str) -> dict:
+SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml and the paper's settings per backbone
+
+
+def config_file(name: str) -> Path:
+    """``--config NAME``: the file as given, else a shipped configuration by file name or stem
+    (``--config paper-qwen2vl-2b``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (SHIPPED / path.name, SHIPPED / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+    raise FileNotFoundError(f"--config: {name} is neither a file nor a shipped configuration {shipped}")
+
+
+def _load_file(name: str) -> dict:
+    path = str(config_file(name))
     text = Path(path).read_text()
     if path.endswith((".yaml", ".yml")):
         import yaml
@@ -125,7 +171,8 @@ def _load_file(path: str) -> dict:
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """``--config FILE`` (YAML or JSON) first, then ``--name value`` flags for any field."""
     parser = argparse.ArgumentParser(description="PDF training (paper defaults; see train/config.py)")
-    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields")
+    parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields, or the name of "
+                        "a shipped one (train/configs: demo, paper-qwen2vl-2b, ...)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --name turns a default-off switch on; --no-name turns a default-on one off
@@ -144,6 +191,6 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"config file: unknown fields {sorted(unknown)}")
+        raise ConfigError(f"config file: unknown fields {sorted(unknown)}")
     values.update({k: v for k, v in args.items() if v is not None})
     return TrainConfig(**values)

@@ -12,38 +12,32 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from PIL import Image
 
+from . import images
+from .images import BadImage
 from .rows import IMAGE_PLACEHOLDER
 
 log = logging.getLogger("pdf.data")
 
 __all__ = ["IMAGE_PLACEHOLDER", "BadImage", "ImageLoader", "TrainSampler", "Collator", "Qwen2VLCollator",
-           "LlavaCollator"]
-
-
-class BadImage(Exception):
-    pass
+           "LlavaCollator", "example", "negatives"]
 
 
 @dataclass
 class ImageLoader:
-    """Loads ``image_dir/path`` as RGB; a missing or corrupt file raises ``BadImage`` naming it."""
+    """Loads ``image_dir/path`` as RGB (train/images.py); a missing, corrupt, outside or unusable file raises
+    ``BadImage`` naming it."""
 
     image_dir: str
+    allow_outside: bool = False
 
     def __call__(self, path: str) -> Image.Image | None:
         if not path:
             return None
-        full = Path(self.image_dir) / path
-        try:
-            with Image.open(full) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as exc:
-            raise BadImage(f"image {full}: {type(exc).__name__}: {exc}") from exc
+        return images.load(self.image_dir, path, self.allow_outside)
 
 
 def _seed(*parts: int) -> int:
@@ -79,6 +73,12 @@ def example(row: dict, loader: ImageLoader) -> tuple[tuple[str, Image.Image | No
     return (row["qry"], loader(row["qry_image_path"])), (row["pos_text"], loader(row["pos_image_path"]))
 
 
+def negatives(row: dict, loader: ImageLoader, count: int) -> list[tuple[str, Image.Image | None]]:
+    """The first ``count`` hard negatives of a training row (checked at start to have them), images decoded;
+    ``BadImage`` if one cannot be read."""
+    return [(text, loader(image)) for text, image in zip(row["neg_text"][:count], row["neg_image_path"][:count])]
+
+
 class Collator:
     """(text, image or None) pairs -> model inputs, left padded (the last token is the embedding), with each
     ``<|image_1|>`` replaced by the backbone's image tokens (as many as the image yields). A row's text
@@ -86,6 +86,8 @@ class Collator:
     in ``truncated`` and announced once."""
 
     counts_in_prepare = True  # image-token counts known from the processor output alone
+
+    image_side = 0  # > 0: every image resized to image_side x image_side first (VLM2Vec's image_resolution)
 
     def __init__(self, tokenizer, image_processor, image_token_id: int, max_length: int = 512):
         if max_length < 1:
@@ -116,8 +118,11 @@ class Collator:
                 raise ValueError(f"text and image disagree: {text!r} has {'an' if IMAGE_PLACEHOLDER in text else 'no'} "
                                  f"{IMAGE_PLACEHOLDER} but {'an' if img is not None else 'no'} image")
         images = [img for _, img in examples if img is not None]
+        if self.image_side:
+            images = [img.resize((self.image_side, self.image_side), Image.Resampling.BICUBIC) for img in images]
         processed, counts = self.images(images) if images else ({}, [])
-        parts = [[self.tokenizer(p.strip(), add_special_tokens=False)["input_ids"]
+        # split_special_tokens: a typed "<|image_pad|>" is text, never the backbone's image token
+        parts = [[self.tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
                   for p in text.split(IMAGE_PLACEHOLDER)] for text, _ in examples]
         return {"parts": parts, "images": processed, "counts": counts}
 
@@ -158,13 +163,33 @@ class Collator:
         return self.assemble(self.prepare(examples))
 
 
-class Qwen2VLCollator(Collator):
-    """Qwen2-VL: ``<|vision_start|>`` + grid/merge² image tokens + ``<|vision_end|>``, and mm_token_type_ids."""
+_QWEN_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}
 
-    def __init__(self, tokenizer, image_processor, config, max_length: int = 512):
+
+def takes_token_types(forward) -> bool:
+    """Whether a model's ``forward`` takes ``mm_token_type_ids`` (Qwen-VL on transformers 5.x; 4.52 has none)."""
+    import inspect
+
+    return "mm_token_type_ids" in inspect.signature(forward).parameters
+
+
+def _installed_takes_token_types(config) -> bool:
+    import transformers
+
+    cls = getattr(transformers, _QWEN_MODELS.get(getattr(config, "model_type", ""), ""), None)
+    return cls is not None and takes_token_types(cls.forward)
+
+
+class Qwen2VLCollator(Collator):
+    """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: ``<|vision_start|>`` + grid/merge² image tokens + ``<|vision_end|>``,
+    and ``mm_token_type_ids`` where the model takes them (``token_types``; by default: where the installed
+    transformers' class of ``config.model_type`` does, i.e. on 5.x)."""
+
+    def __init__(self, tokenizer, image_processor, config, max_length: int = 512, token_types: bool | None = None):
         super().__init__(tokenizer, image_processor, config.image_token_id, max_length)
         self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
         self.merge = config.vision_config.spatial_merge_size
+        self.token_types = _installed_takes_token_types(config) if token_types is None else token_types
 
     def images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")
@@ -175,7 +200,7 @@ class Qwen2VLCollator(Collator):
         return [self.start_id] + [self.image_id] * count + [self.end_id]
 
     def extra(self, ids):
-        return {"mm_token_type_ids": (ids == self.image_id).long()}
+        return {"mm_token_type_ids": (ids == self.image_id).long()} if self.token_types else {}
 
 
 class LlavaCollator(Collator):
@@ -205,7 +230,13 @@ class LlavaCollator(Collator):
             with torch.no_grad(), torch.autocast(param.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = inner.get_image_features(pixel_values=pixel_values[None].to(param.device, param.dtype),
                                                **kwargs)
-            feats = getattr(out, "pooler_output", out)
+                feats = getattr(out, "pooler_output", out)
+                if isinstance(feats, (list, tuple)) and feats[0].dim() == 3 and hasattr(inner, "pack_image_features"):
+                    # transformers 4.52 returns each image's AnyRes tiles unpacked; its forward packs them
+                    # (unpadding, newline tokens) before matching the image tokens: count what it matches
+                    feats = inner.pack_image_features(feats, kwargs["image_sizes"],
+                                                      inner.config.vision_feature_select_strategy,
+                                                      image_newline=inner.image_newline)[0]
             self.cache[key] = int(feats[0].shape[0]) if isinstance(feats, (list, tuple)) else int(feats.shape[-2])
         return self.cache[key]
 

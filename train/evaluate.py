@@ -7,6 +7,11 @@ gathered. Scores are one matrix product per subset. A query counts as a hit only
 strictly above every other candidate (ties go against it, so degenerate all-equal embeddings score 0), and
 non-finite embeddings stop the evaluation.
 
+Bad images: the start check (train/eval_data.py) has dropped what their headers show; an image that still
+fails when decoded (damaged pixel data) or that the image processor refuses stops the evaluation with
+``--bad-images error``; with ``skip`` it is left out the same way (a row losing its query or positive is
+dropped, a negative leaves its row's candidates) and counted.
+
 Modes (the paper's Table 3 rows R5-R7): ``single`` (path 0, the deployed embedding), ``aggregate`` (all
 paths and the aggregator), ``none`` (no prefix: the plain backbone). ``single`` and ``aggregate`` come from
 the same N-path forward (path 0 of it is the single-path embedding)."""
@@ -14,6 +19,7 @@ the same N-path forward (path 0 of it is the single-path embedding)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,13 +31,15 @@ from tqdm.auto import tqdm
 
 from pdfkernels import models
 
-from .data import Collator, ImageLoader
-from .loader import default_workers, interruptible
+from .data import BadImage, Collator, ImageLoader
+from .eval_data import load_eval_subset
+from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
-from .rows import load_eval_rows
 
 Item = tuple[str, str]  # (text, image path or "")
+COUNTS = ("dropped_rows", "dropped_candidates")  # per subset in eval.json: what --bad-images skip left out
+log = logging.getLogger("pdf.eval")
 
 
 def unique_items(rows: list[dict]) -> tuple[list[Item], list[Item], list[int], list[list[int]]]:
@@ -45,17 +53,38 @@ def unique_items(rows: list[dict]) -> tuple[list[Item], list[Item], list[int], l
 
 
 class ItemBatches(Dataset):
-    """Batch i of ``items``: images decoded and the collator's ``prepare`` run (in a worker)."""
+    """Batch i of ``items``: images decoded and the collator's ``prepare`` run (in a worker). Returns
+    ``{"prepared": ..., "bad": {position in the batch: why}}``; a bad image raises with ``policy`` error."""
 
-    def __init__(self, items: list[Item], loader: ImageLoader, collator: Collator, batch_size: int):
+    def __init__(self, items: list[Item], loader: ImageLoader, collator: Collator, batch_size: int,
+                 policy: str = "skip"):
         self.items, self.loader, self.collator, self.batch_size = items, loader, collator, batch_size
+        self.policy = policy
 
     def __len__(self) -> int:
         return -(-len(self.items) // self.batch_size)
 
     def __getitem__(self, i: int) -> dict:
         chunk = self.items[i * self.batch_size:(i + 1) * self.batch_size]
-        return self.collator.prepare([(text, self.loader(path)) for text, path in chunk])
+        try:
+            return {"prepared": self.collator.prepare([(text, self.loader(path)) for text, path in chunk]), "bad": {}}
+        except (BadImage, ValueError):
+            pass
+        good, bad = [], {}  # found only now (rare): the batch again, item by item, to name the image
+        for j, (text, path) in enumerate(chunk):
+            try:
+                pair = (text, self.loader(path))
+                self.collator.prepare([pair])
+                good.append(pair)
+            except BadImage as exc:
+                bad[j] = str(exc)
+            except ValueError as exc:
+                if not path:
+                    raise
+                bad[j] = f"image {path}: the image processor refused it: {exc}"
+            if bad and self.policy == "error":
+                raise BadImage(f"bad eval image (run with --bad-images skip to leave it out): {bad[j]}")
+        return {"prepared": self.collator.prepare(good) if good else None, "bad": bad}
 
 
 def mode_groups(config) -> list[tuple[list[int] | None, list[str]]]:
@@ -85,34 +114,46 @@ def _gather_rows(x: torch.Tensor, total: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_items(model, collator: Collator, items: list[Item], loader: ImageLoader, config, aggregator, device,
-                 desc: str = "eval", should_stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
-    """Unit-norm embeddings ``[len(items), d]`` per mode; this rank encodes its share, all ranks get all."""
+                 desc: str = "eval", should_stop: Callable[[], bool] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[int, str]]:
+    """(unit-norm embeddings ``[len(items), d]`` per mode, the items whose image failed: index -> why; their
+    rows are zeros); this rank encodes its share, all ranks get all."""
     rank, size = world()
     share = -(-len(items) // size)
     mine = items[rank * share:(rank + 1) * share]
-    batches = ItemBatches(mine, loader, collator, config.eval_batch_size)
+    batches = ItemBatches(mine, loader, collator, config.eval_batch_size, config.bad_images)
     workers = default_workers() if config.num_workers is None else config.num_workers
     data = DataLoader(batches, batch_size=None, num_workers=workers if len(batches) > 1 else 0,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=ignore_signals)
     out: dict[str, list] = {m: [] for m in modes(config)}
-    for prepared in tqdm(interruptible(data, should_stop), total=len(batches), desc=desc, disable=rank != 0,
-                         leave=False):
-        inputs = {k: v.to(device, non_blocking=True) for k, v in collator.assemble(prepared).items()}
+    bad: dict[int, str] = {}  # index into mine
+    for i, batch in enumerate(tqdm(interruptible(iterate(data), should_stop), total=len(batches), desc=desc,
+                                   disable=rank != 0, leave=False)):
+        bad.update({i * config.eval_batch_size + j: why for j, why in batch["bad"].items()})
+        if batch["prepared"] is None:
+            continue
+        inputs = {k: v.to(device, non_blocking=True) for k, v in collator.assemble(batch["prepared"]).items()}
         for paths, group in mode_groups(config):
             with autocast(config.dtype, device):
                 reps = models.encode(model, inputs, paths).float()
             for mode in group:
                 out[mode].append(aggregator(reps) if mode == "aggregate" else reps[0])
     hidden = models.patch._hf_model(model).config.text_config.hidden_size
+    flags = torch.tensor([float(j in bad) for j in range(len(mine))], device=device)[:, None]
+    failed = _gather_rows(flags, len(items))[:, 0] > 0  # every rank learns every rank's failed items
+    good = [j for j in range(len(mine)) if j not in bad]
     result = {}
     for mode, parts in out.items():
-        local = torch.cat(parts) if parts else torch.empty(0, hidden, device=device)
+        local = torch.zeros(len(mine), hidden, device=device)
+        if parts:
+            local[good] = torch.cat(parts)
         emb = _gather_rows(local, len(items))
         if not torch.isfinite(emb).all():
             raise FloatingPointError(f"{desc} ({mode}): {int((~torch.isfinite(emb)).any(-1).sum())} of {len(items)} "
                                      f"embeddings are not finite (NaN/inf weights or inputs); refusing to score them")
         result[mode] = F.normalize(emb, dim=-1)
-    return result
+    reasons = {rank * share + j: why for j, why in bad.items()}  # only this rank knows why; all know which
+    return result, {int(k): reasons.get(int(k), "the image failed on another rank") for k in failed.nonzero()[:, 0]}
 
 
 def hits(queries: torch.Tensor, candidates: torch.Tensor, cands_of: list[list[int]]) -> torch.Tensor:
@@ -130,13 +171,34 @@ def hits(queries: torch.Tensor, candidates: torch.Tensor, cands_of: list[list[in
 def evaluate_subset(model, collator: Collator, rows: list[dict], loader: ImageLoader, config, aggregator, device,
                     name: str = "eval", should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Precision@1 per mode and chance for one subset's rows."""
+    return score_subset(model, collator, rows, loader, config, aggregator, device, name, should_stop)[0]
+
+
+def score_subset(model, collator: Collator, rows: list[dict], loader: ImageLoader, config, aggregator, device,
+                 name: str = "eval", should_stop: Callable[[], bool] | None = None
+                 ) -> tuple[dict[str, float], int, int]:
+    """(Precision@1 per mode and chance, rows dropped, candidates dropped for images that failed to decode)."""
     queries, candidates, query_of, cands_of = unique_items(rows)
-    emb = encode_items(model, collator, queries + candidates, loader, config, aggregator, device, name, should_stop)
+    emb, failed = encode_items(model, collator, queries + candidates, loader, config, aggregator, device, name,
+                               should_stop)
+    dropped_rows = dropped_candidates = 0
+    if failed:
+        q = len(queries)
+        kept = [r for r in range(len(rows)) if query_of[r] not in failed and cands_of[r][0] + q not in failed]
+        dropped_rows = len(rows) - len(kept)
+        trimmed = [[c for c in cands_of[r] if c + q not in failed] for r in kept]
+        dropped_candidates = sum(len(cands_of[r]) for r in kept) - sum(len(c) for c in trimmed)
+        log.warning("%s: %d images failed when decoded (--bad-images skip): dropped %d of %d rows and %d negative "
+                    "candidates (first: %s)", name, len(failed), dropped_rows, len(rows), dropped_candidates,
+                    next(iter(failed.values())))
+        if not kept:
+            raise BadImage(f"{name}: no row left to score (first bad image: {next(iter(failed.values()))})")
+        query_of, cands_of = [query_of[r] for r in kept], trimmed
     rows_q = torch.tensor(query_of)
     result = {mode: float(hits(e[rows_q.to(e.device)], e[len(queries):], cands_of).float().mean())
               for mode, e in emb.items()}
-    result["chance"] = sum(1 / len(c) for c in cands_of) / len(rows)
-    return result
+    result["chance"] = sum(1 / len(c) for c in cands_of) / len(cands_of)
+    return result, dropped_rows, dropped_candidates
 
 
 def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str | Path,
@@ -144,16 +206,19 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     """Every ``config.eval_data`` subset on all ranks; rank 0 writes ``eval.json`` and ``eval.md``."""
     was_training = model.training
     model.eval()
-    loader = ImageLoader(config.image_dir)
+    loader = ImageLoader(config.image_dir, config.allow_outside_images)
     results: dict = {}
-    for path in config.eval_data:
-        rows = load_eval_rows(path)
+    for path in config.eval_data:  # the rows and candidates the start check kept (train/eval_data.py)
+        data = load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
         subset = Path(path).stem
-        results[subset] = evaluate_subset(model, collator, rows, loader, config, aggregator, device, subset,
-                                          should_stop)
+        results[subset], rows, candidates = score_subset(model, collator, data.rows, loader, config, aggregator,
+                                                         device, subset, should_stop)
+        results[subset].update(dropped_rows=data.dropped_rows + rows,
+                               dropped_candidates=data.dropped_candidates + candidates)
     names = list(results)
     if names:
-        results["average"] = {m: sum(results[n][m] for n in names) / len(names) for m in results[names[0]]}
+        results["average"] = {m: sum(results[n][m] for n in names) / len(names) for m in results[names[0]]
+                              if m not in COUNTS}
     if world()[0] == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "eval.json").write_text(json.dumps(results, indent=1))
@@ -165,9 +230,13 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
 def markdown(results: dict) -> str:
     if not results:
         return ""
-    cols = list(next(iter(results.values())))
+    cols = [c for c in next(iter(results.values())) if c not in COUNTS]
     lines = ["| subset | " + " | ".join(f"P@1 {c}" if c != "chance" else "chance" for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for name, row in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+    dropped = [f"{name} {row['dropped_rows']} rows, {row['dropped_candidates']} candidates"
+               for name, row in results.items() if row.get("dropped_rows") or row.get("dropped_candidates")]
+    if dropped:
+        lines.append("\nLeft out for bad images (--bad-images skip): " + "; ".join(dropped) + ".")
     return "\n".join(lines) + "\n"

@@ -19,16 +19,18 @@ def json_line(metrics: dict) -> str:
 
 
 def trim(path: str | Path, last_step: int) -> None:
-    """Keep the lines of steps ``<= last_step`` (a resumed run rewrites the later ones); drops a torn line."""
+    """Keep the lines of steps ``<= last_step`` (a resumed run rewrites the later ones); drops a torn or
+    undecodable line (counted in the log line)."""
     path = Path(path)
     if not path.exists():
         return
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             keep = json.loads(line)["step"] <= last_step
         except (ValueError, KeyError, TypeError):
-            keep = False  # a line cut short by a kill
+            keep = False  # a line cut short by a kill, or bytes that are not UTF-8 (a damaged file)
         if keep:
             kept.append(line)
         else:
@@ -37,8 +39,8 @@ def trim(path: str | Path, last_step: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
-        log.info("%s: removed %d lines after step %d (the resumed run writes them again)", path, dropped,
-                 last_step)
+        log.info("%s: removed %d lines after step %d or unreadable (the resumed run writes the later steps "
+                 "again)", path, dropped, last_step)
 
 
 class MetricsLog:

@@ -21,7 +21,8 @@ log = logging.getLogger("pdf")
 
 # fields whose change makes the checkpoint another training run (or another set of parameters)
 FIXED = ("model", "lora_r", "num_paths", "prefix_len", "baseline", "prefix_only", "no_mim", "train_data",
-         "subset_weights", "image_dir", "global_batch", "max_length", "seed")
+         "subset_weights", "image_dir", "global_batch", "max_length", "seed", "hard_negatives",
+         "image_resolution")
 # flags about this invocation only, never compared
 TRANSIENT = ("resume", "overwrite", "stop_after")
 

@@ -2,7 +2,9 @@
 (1-based: the line of a jsonl file, the row of a parquet file) and what was expected.
 
 Train rows: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` (the image paths may be empty or
-absent for text-only sides). Eval rows as MMEB-eval publishes them: ``qry_text``, ``qry_img_path``,
+absent for text-only sides), optionally hard negatives: ``neg_text`` a string (one negative, as MMEB and
+VLM2Vec write it) or a list of strings, ``neg_image_path`` the same shape (or absent for text-only negatives).
+Eval rows as MMEB-eval publishes them: ``qry_text``, ``qry_img_path``,
 ``tgt_text`` (list), ``tgt_img_path`` (list of the same length; the positive is candidate 0)."""
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def _image(row: dict, key: str, where: str) -> str:
 
 
 def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> None:
+    if not image and not text.strip():  # no token at all: the row's embedding would have no input
+        raise BadRow(f"{where}: '{text_key}' is {'empty' if not text else 'whitespace only'} and '{image_key}' "
+                     f"is empty: nothing to embed")
     if text.count(IMAGE_PLACEHOLDER) > 1:
         raise BadRow(f"{where}: '{text_key}' has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER}; one image "
                      f"per side is supported")
@@ -71,12 +76,46 @@ def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> 
                      f"{IMAGE_PLACEHOLDER} but '{image_key}' is {repr(image) if image else 'empty'}")
 
 
-def check_train_row(row: dict, where: str) -> dict:
-    """The row reduced to its four fields (image paths as strings, '' for none), or ``BadRow``."""
+def _negatives(row: dict, where: str) -> tuple[list[str], list[str]]:
+    """The row's hard negatives as (texts, image paths) lists of one length; empty when it has none."""
+    texts, images = row.get("neg_text"), row.get("neg_image_path")
+    if texts is None or texts == "":
+        if images:
+            raise BadRow(f"{where}: 'neg_image_path' is {images!r:.80} but 'neg_text' is empty")
+        return [], []
+    single = isinstance(texts, str)
+    texts = [texts] if single else texts
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t for t in texts):
+        raise BadRow(f"{where}: 'neg_text' expected a string or a list of non-empty strings, got {texts!r:.80}")
+    if not images:
+        images = [""] * len(texts)
+    elif single and isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) or p is None for p in images):
+        raise BadRow(f"{where}: 'neg_image_path' expected {'an image path' if single else 'a list of image paths'}"
+                     f" like 'neg_text', got {images!r:.80}")
+    if len(images) != len(texts):
+        raise BadRow(f"{where}: 'neg_text' has {len(texts)} negatives but 'neg_image_path' has {len(images)}")
+    images = [p or "" for p in images]
+    for i, (text, image) in enumerate(zip(texts, images)):
+        _agree(text, image, f"neg_text[{i}]", f"neg_image_path[{i}]", where)
+    return texts, images
+
+
+def check_train_row(row: dict, where: str, hard_negatives: int = 0) -> dict:
+    """The row reduced to its four fields (image paths as strings, '' for none), plus ``neg_text`` and
+    ``neg_image_path`` lists when it has hard negatives, or ``BadRow``; with ``hard_negatives`` > 0 a row
+    with fewer negatives is a bad row."""
     out = {"qry": _text(row, "qry", where), "qry_image_path": _image(row, "qry_image_path", where),
            "pos_text": _text(row, "pos_text", where), "pos_image_path": _image(row, "pos_image_path", where)}
     _agree(out["qry"], out["qry_image_path"], "qry", "qry_image_path", where)
     _agree(out["pos_text"], out["pos_image_path"], "pos_text", "pos_image_path", where)
+    texts, images = _negatives(row, where)
+    if len(texts) < hard_negatives:
+        raise BadRow(f"{where}: --hard-negatives {hard_negatives} expected at least {hard_negatives} negatives in "
+                     f"'neg_text', got {len(texts)}")
+    if texts:
+        out["neg_text"], out["neg_image_path"] = texts, images
     return out
 
 
@@ -102,9 +141,10 @@ def _where(path: str, index: int) -> str:
     return f"{path} {'row' if path.endswith('.parquet') else 'line'} {index + 1}"
 
 
-def load_train_rows(path: str, policy: str = "error") -> list[dict]:
+def load_train_rows(path: str, policy: str = "error", hard_negatives: int = 0) -> list[dict]:
     """A training subset, every row checked: a bad row stops the run (``error``) or is dropped with one
-    warning that counts them and names the first (``skip``); a subset left empty stops the run."""
+    warning that counts them and names the first (``skip``); a subset left empty stops the run. With
+    ``hard_negatives`` > 0 a row with fewer hard negatives is a bad row."""
     if policy not in BAD_ROW_POLICIES:
         raise ValueError(f"config: 'bad_rows' expected one of {BAD_ROW_POLICIES}, got {policy!r}")
     good, bad = [], []
@@ -112,7 +152,7 @@ def load_train_rows(path: str, policy: str = "error") -> list[dict]:
         try:
             if isinstance(row, BadRow):
                 raise row
-            good.append(check_train_row(row, _where(path, index)))
+            good.append(check_train_row(row, _where(path, index), hard_negatives))
         except BadRow as exc:
             if policy == "error":
                 raise BadRow(f"bad training row (run with --bad-rows skip to drop such rows): {exc}") from None

@@ -4,7 +4,9 @@
     python train/run.py ...                                                      (the same, from a checkout)
     torchrun --nproc-per-node G -m pdfkernels.train.run ...                                  (G processes, one per GPU)
 
-With no --train-data it trains on a generated MMEB-format shapes set (train/synthetic.py). Writes
+With no arguments at all it runs the built-in demo (train/configs/demo.yaml into ./runs/demo, replaced each
+time; what scripts/run.sh runs) and says so first. With no --train-data it trains on a generated MMEB-format
+shapes set (train/synthetic.py). The paper's settings per backbone: train/configs/paper-*.yaml, for real data. Writes
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
 samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, verified, last k kept; ``--resume``
 continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
@@ -35,13 +37,16 @@ import torch.distributed as dist  # noqa: E402
 from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
-from .config import TrainConfig, parse
+from .config import SHIPPED, ConfigError, TrainConfig, parse
+from .eval_data import check_eval_data
 from .evaluate import evaluate, markdown
-from .loader import train_batches
+from .images import BadImage
+from .loader import BadData, train_batches
 from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .progress import Progress
+from .rows import BadRow
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -95,9 +100,25 @@ def chunks(collator, examples: list, size: int, device) -> list[dict]:
             for i in range(0, len(examples), size)]
 
 
+def demo_arguments() -> list[str]:
+    """A bare ``python train/run.py``: the built-in demo, as scripts/run.sh runs it, announced in its first line."""
+    demo = SHIPPED / "demo.yaml"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train/run.py without arguments: running the built-in demo ({demo}: PDF on a generated shapes set "
+              f"with the tiny random Qwen2-VL, 400 steps of 64, about 2 minutes on 2 CPU cores; output in "
+              f"{Path('runs/demo').resolve()}, replaced on each bare run). The paper's settings for real data: "
+              f"--config {SHIPPED}/paper-qwen2vl-2b.yaml --model DIR --train-data ... (README, Training).",
+              flush=True)
+    return ["--config", str(demo), "--overwrite"]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    config = parse(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    config = parse(argv if argv else demo_arguments())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not config.train_data and not config.model.startswith("tiny"):
+        raise ValueError(f"config: no 'train_data' given; the generated shapes set suits only the tiny presets, not "
+                         f"model {config.model!r}: pass MMEB training files with --train-data (README, Training)")
     rank, world_size, device = setup_distributed()
     if config.global_batch % world_size:
         raise ValueError(f"config: 'global_batch' ({config.global_batch}) must divide by the {world_size} ranks")
@@ -106,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
     if not config.train_data:
         default_data(config, rank)
+    if config.evaluate:  # a missing or malformed eval file or image stops now, not after the training
+        check_eval_data(config)
 
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
-    collator = make_collator(model, tokenizer, processor, config.max_length)
+    collator = make_collator(model, tokenizer, processor, config.max_length, config.image_resolution)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"
@@ -140,15 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
                 with guard.interruptible():
                     item = next(batches, None)
             except signals.Interrupted as stop:
-                if saved[-1] < done:
+                wrote = saved[-1] < done
+                if wrote:
                     save(done)
-                log.info("stopping on %s while loading a batch (state after step %d checkpointed)",
-                         signal.Signals(stop.signum).name, done)
+                log.info("stopping on %s while loading a batch (%s)", signal.Signals(stop.signum).name,
+                         signals.saved_message(done, start, wrote))
                 sys.exit(130)
             if item is None:
                 break
-            step, query_chunks, target_chunks = item
-            metrics = train_step(parts, query_chunks, target_chunks, config, device)
+            step, query_chunks, target_chunks, *negative_chunks = item  # a fourth item: hard negatives' chunks
+            metrics = train_step(parts, query_chunks, target_chunks, config, device, *negative_chunks)
             metrics.update(step=step + 1, samples_per_s=config.global_batch / (time.perf_counter() - tick),
                            bad_images=pipeline.bad_images, truncated_rows=collator.truncated)
             tick, done = time.perf_counter(), step + 1
@@ -187,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress.close()
         if metrics_log is not None:
             metrics_log.close()
+        outdir.release(out)
     if dist.is_initialized():
         dist.destroy_process_group()
     return {"history": history, "eval": results}
@@ -196,7 +221,8 @@ def cli(argv: list[str] | None = None) -> int:
     """The command line: a failure the trainer detected is one line on stderr and exit status 1."""
     try:
         main(argv)
-    except (guards.NonFiniteError, checkpoint.CheckpointError, resume.ResumeError, outdir.OutDirError) as error:
+    except (ConfigError, BadRow, BadImage, BadData, guards.NonFiniteError, checkpoint.CheckpointError,
+            resume.ResumeError, outdir.OutDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

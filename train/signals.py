@@ -60,3 +60,13 @@ class SignalGuard:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def saved_message(done: int, start: int, wrote: bool) -> str:
+    """What a stop left behind: the checkpoint just written, or why none was (nothing new to save)."""
+    if wrote:
+        return f"state after step {done} checkpointed"
+    if done == start:
+        return ("no step completed in this run: nothing written" +
+                (f"; the checkpoint of step {start} is the newest" if start else ""))
+    return f"the checkpoint of step {done} is already the newest"

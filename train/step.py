@@ -1,11 +1,12 @@
 """One PDF training step (paper §3), with GradCache so the global batch does not depend on memory.
 
-1. Chunked forward without gradients: embeddings ``[N, B, d]`` of queries and targets for every path, the
-   RNG state of each chunk saved.
+1. Chunked forward without gradients: embeddings ``[N, B, d]`` of queries and targets (and ``[N, B·H, d]`` of
+   the H hard negatives per query, with ``--hard-negatives H``) for every path, the RNG state of each chunk saved.
 2. Stage 1: the vCLUB estimator takes ``estimator_steps`` steps on the same detached embeddings (Eq. 4).
 3. Stage 2, estimator frozen: loss = InfoNCE(aggregate) + lambda_con * mean_i InfoNCE(path i)
-   + lambda_mim * MIM (Eqs. 5-8) on the cached embeddings (global batch across ranks); its gradients with
-   respect to the embeddings are cached.
+   + lambda_mim * MIM (Eqs. 5-8) on the cached embeddings (global batch across ranks; the gathered hard
+   negatives join every query's InfoNCE candidates; they stay out of MIM and the estimator, which compare the
+   paths of the same input); its gradients with respect to the embeddings are cached.
 4. Chunk by chunk, forward again with gradients (RNG replayed) and backpropagate the cached gradients;
    then the backbone, prefix and aggregator take their step. Loss and gradients equal the full-batch step.
 """
@@ -72,9 +73,12 @@ def _encode_chunks(parts: Parts, chunks: list[dict], paths, device, dtype: str) 
     return torch.cat(reps, dim=1), states
 
 
-def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config) -> tuple[torch.Tensor, dict]:
-    """InfoNCE(aggregate) + lambda_con * mean per-path InfoNCE, on global-batch embeddings ``[N, B, d]``."""
-    loss, agg, per_path = pdf_contrastive(q, t, aggregator, config.temperature, config.lambda_con)
+def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config,
+                     negatives: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """InfoNCE(aggregate) + lambda_con * mean per-path InfoNCE, on global-batch embeddings ``[N, B, d]`` (hard
+    negatives ``[N, M, d]`` added to every query's candidates)."""
+    loss, agg, per_path = pdf_contrastive(q, t, aggregator, config.temperature, config.lambda_con,
+                                          negatives=negatives)
     return loss, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
 
 
@@ -93,10 +97,14 @@ def estimator_updates(parts: Parts, q: torch.Tensor, t: torch.Tensor, steps: int
 
 
 def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict], config,
-               device: torch.device) -> dict:
+               device: torch.device, negative_chunks: list[dict] | None = None) -> dict:
     paths = _paths(config)
     q_local, q_states = _encode_chunks(parts, query_chunks, paths, device, config.dtype)
     t_local, t_states = _encode_chunks(parts, target_chunks, paths, device, config.dtype)
+    negative_chunks = negative_chunks or []
+    if negative_chunks:  # like the targets: cached without gradients, re-run chunk by chunk below
+        n_local, n_states = _encode_chunks(parts, negative_chunks, paths, device, config.dtype)
+        n_leaf = n_local.clone().requires_grad_()
     _, world_size = world()
     metrics: dict = {}
 
@@ -110,7 +118,8 @@ def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict]
     # stage 2: losses on the cached embeddings; gradients cached for the re-forward
     q_leaf, t_leaf = q_local.clone().requires_grad_(), t_local.clone().requires_grad_()
     q_all, t_all = gather(q_leaf, dim=1), gather(t_leaf, dim=1)
-    loss, parts_metrics = contrastive_loss(q_all, t_all, parts.aggregator, config)
+    n_all = gather(n_leaf, dim=1) if negative_chunks else None
+    loss, parts_metrics = contrastive_loss(q_all, t_all, parts.aggregator, config, n_all)
     metrics.update(parts_metrics)
     backward_loss = loss
     if config.uses_mim:
@@ -124,7 +133,10 @@ def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict]
     q_grad, t_grad = q_leaf.grad, t_leaf.grad
 
     # re-forward chunk by chunk with gradients (RNG replayed), backpropagating the cached gradients
-    for chunks, states, grad in ((query_chunks, q_states, q_grad), (target_chunks, t_states, t_grad)):
+    passes = [(query_chunks, q_states, q_grad), (target_chunks, t_states, t_grad)]
+    if negative_chunks:
+        passes.append((negative_chunks, n_states, n_leaf.grad))
+    for chunks, states, grad in passes:
         offset = 0
         for chunk, state in zip(chunks, states):
             rows = chunk["input_ids"].shape[0]

@@ -5,7 +5,9 @@
 Writes ``OUT_DIR/images/*.png``, ``OUT_DIR/train/{t2i,i2t}.jsonl`` (MMEB train rows: ``qry``,
 ``qry_image_path``, ``pos_text``, ``pos_image_path``) and ``OUT_DIR/eval/{t2i,i2t}.jsonl`` (MMEB eval rows:
 ``qry_text``, ``qry_img_path``, ``tgt_text`` list, ``tgt_img_path`` list, the positive first). Text-to-image
-rows retrieve the image of a caption, image-to-text rows the caption of an image.
+rows retrieve the image of a caption, image-to-text rows the caption of an image. With ``--hard-negatives H``
+every training row also carries H hard negatives (``neg_text``, ``neg_image_path`` lists): shapes of other
+classes that share the positive's colour or shape where one exists.
 """
 
 from __future__ import annotations
@@ -63,7 +65,15 @@ def all_words() -> list[str]:
     return sorted(words)
 
 
-def generate(out_dir: str | Path, num_train: int = 2000, num_eval: int = 200, seed: int = 0) -> Path:
+def _hard_classes(cls, classes, count: int, rng: random.Random) -> list:
+    """``count`` other classes, those sharing the colour or the shape first (the harder negatives)."""
+    near = [c for c in classes if c != cls and (c[0] == cls[0] or c[1] == cls[1])]
+    far = [c for c in classes if c != cls and c not in near]
+    return (rng.sample(near, min(count, len(near))) + rng.sample(far, max(0, count - len(near))))[:count]
+
+
+def generate(out_dir: str | Path, num_train: int = 2000, num_eval: int = 200, seed: int = 0,
+             hard_negatives: int = 0) -> Path:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -89,6 +99,14 @@ def generate(out_dir: str | Path, num_train: int = 2000, num_eval: int = 200, se
                 else:
                     rows[task].append({"qry": f"{IMAGE_TOKEN} what is shown in the image", "qry_image_path": image,
                                        "pos_text": caption(*cls), "pos_image_path": ""})
+                if hard_negatives:
+                    hard = _hard_classes(cls, classes, hard_negatives, rng)
+                    if task == "t2i":
+                        rows[task][-1].update(
+                            neg_text=[f"{IMAGE_TOKEN} what is shown in the image"] * len(hard),
+                            neg_image_path=[new_image("neg", i * 100 + j, c) for j, c in enumerate(hard)])
+                    else:
+                        rows[task][-1].update(neg_text=[caption(*c) for c in hard], neg_image_path=[""] * len(hard))
                 continue
             negatives = rng.sample([c for c in classes if c != cls], EVAL_CANDIDATES - 1)
             if task == "t2i":
@@ -113,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hard-negatives", type=int, default=0)
     args = parser.parse_args(argv)
-    print(generate(args.out_dir, args.train, args.eval, args.seed))
+    print(generate(args.out_dir, args.train, args.eval, args.seed, args.hard_negatives))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,49 @@ def test_a_module_of_another_shape_is_refused_before_anything_is_loaded(tmp_path
         models.load_pdf(path, target, **{module: wrong})
     assert torch.equal(target.pdf_prefix, prefix), "the prefix must not be overwritten by a refused load"
     assert all(torch.equal(v, untouched[k]) for k, v in wrong.state_dict().items())
+
+
+def _rewritten(tmp_path, change):
+    """A genuine save_pdf file with its tensors changed by ``change(tensors)`` (the description kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "pdf.safetensors"
+    models.save_pdf(path, _patched(seed=1), models.Aggregator(64, 2))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("case", ["one-path", "scalar", "int", "missing"])
+def test_a_prefix_tensor_of_another_shape_or_dtype_is_refused_before_anything_is_loaded(tmp_path, case):
+    def change(tensors):  # issue 21, item 5
+        prefix = tensors["prefix"]
+        if case == "one-path":  # copy_ would broadcast it into every path
+            tensors["prefix"] = prefix.narrow(1 if prefix.shape[1] == 2 else 0, 0, 1).contiguous()
+        elif case == "scalar":
+            tensors["prefix"] = torch.tensor(0.5)
+        elif case == "int":
+            tensors["prefix"] = prefix.round().to(torch.int32)
+        else:
+            del tensors["prefix"]
+
+    path = _rewritten(tmp_path, change)
+    target = _patched(seed=2)
+    before = target.pdf_prefix.detach().clone()
+    with pytest.raises(ValueError, match=r"the prefix in .* does not fit this model \(file .*, model "):
+        models.load_pdf(path, target)
+    assert torch.equal(target.pdf_prefix, before)
+
+
+def test_module_weights_of_an_integer_dtype_are_refused(tmp_path):
+    def change(tensors):
+        name = next(k for k in tensors if k.startswith("aggregator."))
+        tensors[name] = tensors[name].round().to(torch.int64)
+
+    path = _rewritten(tmp_path, change)
+    with pytest.raises(ValueError, match=r"aggregator weights .* do not fit .* int64"):
+        models.load_pdf(path, _patched(seed=2), models.Aggregator(64, 2))

@@ -15,6 +15,14 @@ def shapes_data(tmp_root: Path) -> Path:
     return _DATA["path"]
 
 
+def shapes_data_with_negatives(tmp_root: Path) -> Path:
+    """The shapes set with two hard negatives per training row."""
+    if "negatives" not in _DATA:
+        _DATA["negatives"] = synthetic.generate(tmp_root / "shapes-negatives", num_train=60, num_eval=8, seed=3,
+                                                hard_negatives=2)
+    return _DATA["negatives"]
+
+
 def run_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--train-data", str(data / "train" / "t2i.jsonl"), str(data / "train" / "i2t.jsonl"),
             "--eval-data", str(data / "eval" / "t2i.jsonl"), str(data / "eval" / "i2t.jsonl"),

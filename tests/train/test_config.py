@@ -1,10 +1,13 @@
 """The trainer's configuration: the paper's defaults, file and command-line overrides, switches, errors."""
 
 import json
+import sys
 
 import pytest
 
-from pdfkernels.train.config import TrainConfig, parse
+import pdfkernels.train.run as run
+from pdfkernels.train.config import SHIPPED, TrainConfig, parse
+from pdfkernels.train.model import PRESETS
 
 
 def test_defaults_are_the_papers():
@@ -53,3 +56,50 @@ def test_bad_values_are_refused(tmp_path):
     path.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(ValueError, match="unknown fields"):
         parse(["--config", str(path)])
+
+
+PAPER = sorted(p.stem for p in SHIPPED.glob("paper-*.yaml"))
+
+
+def test_a_paper_config_per_backbone_keeps_the_papers_defaults():
+    """One shipped config per paper backbone (Qwen2-VL 2B and 7B, LLaVA-1.6 7B; low and high resolution); each
+    sets only the backbone, its learning rate (2e-5 for 2B, 5e-6 for 7B), resolution, chunk and folder."""
+    assert {"paper-qwen2vl-2b", "paper-qwen2vl-7b", "paper-llava-next-7b"} <= set(PAPER)
+    defaults = vars(TrainConfig(model="qwen2vl-2b"))
+    for name in PAPER:
+        config = parse(["--config", name])  # a shipped config by name, from any directory
+        assert config.model in PRESETS and config.model != "tiny" and config.image_resolution > 0, name
+        assert config.lr == (5e-6 if config.model.endswith("7b") else 2e-5), name
+        changed = {k for k, v in vars(config).items() if v != defaults[k]}
+        assert changed <= {"model", "lr", "image_resolution", "chunk_size", "out_dir"}, (name, changed)
+    with pytest.raises(FileNotFoundError, match=r"--config: nope is neither a file nor a shipped configuration "
+                       r"\['demo', 'paper-"):
+        parse(["--config", "nope"])
+
+
+def test_a_paper_config_without_data_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="no 'train_data' given; the generated shapes set suits only the tiny "
+                       "presets, not model 'qwen2vl-2b'"):
+        run.main(["--config", "paper-qwen2vl-2b", "--out-dir", str(out)])
+    assert not out.exists()
+
+
+def test_a_bare_run_is_the_demo_and_says_so_first(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train/run.py"])
+    seen = {}
+
+    def parse_then_stop(argv):
+        seen["config"] = parse(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run, "parse", parse_then_stop)
+    with pytest.raises(SystemExit):
+        run.main()
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("train/run.py without arguments: running the built-in demo") and "demo.yaml" in first
+    # what scripts/run.sh runs
+    assert seen["config"] == parse(["--config", str(SHIPPED / "demo.yaml"), "--overwrite"])
+    script = (SHIPPED.parents[1] / "scripts" / "run.sh").read_text()
+    assert "-m pdfkernels.train.run --config train/configs/demo.yaml" in script and "replace=(--overwrite)" in script

@@ -1,11 +1,13 @@
 """MMEB data: the generator, the per-step plan, the worker pipeline (identical to the original sampler,
 sharded per rank), bad images, row validation, truncation and the Qwen2-VL collator."""
 
+import inspect
 import json
 import logging
 
 import pytest
 import torch
+import transformers
 
 from pdfkernels.models.configs import tiny_qwen2vl
 from pdfkernels.train import synthetic
@@ -25,7 +27,7 @@ def _collator(max_length=512):
     tokenizer = local_tokenizer(synthetic.all_words())
     config = tiny_qwen2vl(len(tokenizer))
     set_special_ids(config, tokenizer)
-    return Qwen2VLCollator(tokenizer, image_processor(32), config, max_length), config
+    return Qwen2VLCollator(tokenizer, image_processor(32, config=config), config, max_length), config
 
 
 def _subsets(data):
@@ -214,7 +216,11 @@ def test_collator_expands_image_tokens_and_left_pads(data):
     per_image = int(batch["image_grid_thw"][0].prod()) // 4
     assert (batch["input_ids"][0] == config.image_token_id).sum() == per_image == 16
     assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][:, -1].all()  # left padding
-    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == config.image_token_id).long())
+    # mm_token_type_ids exactly where the installed transformers' Qwen2-VL takes them (5.x, not 4.52)
+    takes = "mm_token_type_ids" in inspect.signature(transformers.Qwen2VLModel.forward).parameters
+    assert ("mm_token_type_ids" in batch) == takes == collator.token_types
+    if takes:
+        assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == config.image_token_id).long())
     assert collator.truncated == 0
     with pytest.raises(ValueError, match="text and image disagree"):
         collator([("a red circle", image)])

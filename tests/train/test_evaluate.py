@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 
 from pdfkernels import models
 from pdfkernels.bench.eval_reference import precision_at_1
-from pdfkernels.train import synthetic
+from pdfkernels.train import images, synthetic
 from pdfkernels.train.config import TrainConfig
-from pdfkernels.train.data import IMAGE_PLACEHOLDER, ImageLoader
-from pdfkernels.train.evaluate import evaluate, evaluate_subset, hits, mode_groups, unique_items
+from pdfkernels.train.data import IMAGE_PLACEHOLDER, BadImage, ImageLoader
+from pdfkernels.train.evaluate import evaluate, evaluate_subset, hits, mode_groups, score_subset, unique_items
 from pdfkernels.train.model import build, make_collator
 from tests.train.helpers import shapes_data
 
@@ -149,3 +149,33 @@ def test_two_gloo_ranks_share_the_encoding_and_agree(data):
     assert [results[r][1] for r in (0, 1)] == [-(-total // 2), total - -(-total // 2)]
     for r in (0, 1):
         assert results[r][0] == pytest.approx(single)
+
+
+def _damaged_pool(data, tmp_path):
+    """``_pool_rows`` over a copy of its images, and ``damaged.png``: a valid header, its pixel data cut."""
+    (tmp_path / "images").mkdir()
+    for name in sorted(p.name for p in (data / "images").iterdir())[:4]:
+        (tmp_path / "images" / name).write_bytes((data / "images" / name).read_bytes())
+    rows = _pool_rows(tmp_path)  # before damaged.png exists: the pool is the four images
+    whole = (tmp_path / "images" / name).read_bytes()
+    (tmp_path / "images" / "damaged.png").write_bytes(whole[:len(whole) // 2])
+    return rows
+
+
+def test_an_image_that_fails_only_when_decoded_is_left_out_with_skip_and_stops_with_error(data, tmp_path):
+    config, model, collator, aggregator = _setup(data, bad_images="skip")
+    loader = ImageLoader(str(tmp_path / "images"))
+    rows = _damaged_pool(data, tmp_path)
+    images.check(str(tmp_path / "images"), "damaged.png")  # its header is fine: the start check keeps it
+    broken = [dict(r, tgt_text=list(r["tgt_text"]), tgt_img_path=list(r["tgt_img_path"])) for r in rows]
+    broken[1]["tgt_text"][2], broken[1]["tgt_img_path"][2] = PICTURE, "damaged.png"  # a negative
+    broken[2]["qry_text"], broken[2]["qry_img_path"] = PICTURE, "damaged.png"  # a query
+    expected = [r for i, r in enumerate(rows) if i != 2]
+    expected[1] = dict(rows[1], tgt_text=[t for j, t in enumerate(rows[1]["tgt_text"]) if j != 2],
+                       tgt_img_path=[p for j, p in enumerate(rows[1]["tgt_img_path"]) if j != 2])
+    result, dropped_rows, dropped_candidates = score_subset(model, collator, broken, loader, config, aggregator, "cpu")
+    assert (dropped_rows, dropped_candidates) == (1, 1)
+    assert result == pytest.approx(evaluate_subset(model, collator, expected, loader, config, aggregator, "cpu"))
+    config.bad_images = "error"
+    with pytest.raises(BadImage, match=r"bad eval image .*damaged.png"):
+        score_subset(model, collator, broken, loader, config, aggregator, "cpu")

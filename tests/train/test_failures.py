@@ -59,7 +59,7 @@ def test_diverging_run_stops_naming_step_and_term_keeps_finite_checkpoints(data,
     kept = checkpoint.checkpoints(tmp_path / "checkpoints")
     assert kept, "the last finite checkpoint was pruned"
     for path in kept:
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(v).all() for v in state["model"].values()), path
     assert not (tmp_path / "pdf.safetensors").exists() and not (tmp_path / "eval.json").exists()
     lines = _strict_lines(tmp_path / "metrics.jsonl")
@@ -308,3 +308,11 @@ def test_second_signal_inside_a_step_stops_at_once_without_a_checkpoint_of_that_
         run.main(run_args(data, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-evaluate"))
     assert info.value.code == 130 and len(calls) == 2
     assert _names(tmp_path / "checkpoints") == ["step_0000001.pt"]
+
+
+def test_trim_drops_lines_that_are_not_utf8(tmp_path):  # issue 21, item 6
+    path = tmp_path / "metrics.jsonl"
+    lines = [metrics_log.json_line({"step": s}).encode() for s in (1, 2, 3)]
+    path.write_bytes(lines[0] + b"\n" + b'{"step": 2, "loss": "\xff\xfe"}\n' + lines[2] + b"\n")
+    metrics_log.trim(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1]

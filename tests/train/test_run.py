@@ -17,7 +17,7 @@ import pdfkernels.train.run as run
 from pdfkernels.train.checkpoint import checkpoints
 from pdfkernels.train.data import ImageLoader, TrainSampler
 from pdfkernels.train.rows import load_train_rows
-from tests.train.helpers import run_args, shapes_data
+from tests.train.helpers import run_args, shapes_data, shapes_data_with_negatives
 
 
 @pytest.fixture
@@ -98,19 +98,24 @@ def _rank(rank: int, world: int, port: int, args: list[str], results) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) path; with CUDA the trainer uses nccl, one GPU "
                     "per rank")
-def test_two_gloo_ranks_equal_one_process_on_the_union_batch(data, tmp_path):
-    single = run.main(run_args(data, tmp_path / "one", "--steps", "2", "--no-evaluate"))["history"]
+def test_two_gloo_ranks_equal_one_process_on_the_union_batch(tmp_path_factory, tmp_path):
+    """With two hard negatives per query (one run covers both: in-batch and hard negatives are gathered alike;
+    spawning ranks is what costs)."""
+    data = shapes_data_with_negatives(tmp_path_factory.getbasetemp())
+    flags = ("--steps", "2", "--no-evaluate", "--hard-negatives", "2")
+    single = run.main(run_args(data, tmp_path / "one", *flags))["history"]
     single_params = torch.load(tmp_path / "one" / "checkpoints" / "step_0000002.pt", weights_only=False)["model"]
     results = mp.Manager().dict()
-    args = run_args(data, tmp_path / "two", "--steps", "2", "--no-evaluate", "--num-workers", "0")
+    args = run_args(data, tmp_path / "two", *flags, "--num-workers", "0")
     mp.spawn(_rank, args=(2, _free_port(), args, results), nprocs=2)
     history, params, _ = results[0]
-    # each rank decoded exactly the images of its half of each step's global batch
-    sampler = TrainSampler([load_train_rows(p) for p in args[1:3]], None, 0)
+    # each rank decoded exactly the images of its half of each step's global batch, its negatives' included
+    sampler = TrainSampler([load_train_rows(p, hard_negatives=2) for p in args[1:3]], None, 0)
     for rank in (0, 1):
         share = [row for step in (0, 1) for row in sampler.plan(step, 8)[4 * rank:4 * rank + 4]]
-        expected = [p for row in share for p in (row["qry_image_path"], row["pos_image_path"]) if p]
-        assert results[rank][2] == expected and 0 < len(expected) < 16
+        expected = [p for row in share for p in (row["qry_image_path"], row["pos_image_path"],
+                                                 *row["neg_image_path"][:2]) if p]
+        assert results[rank][2] == expected and 0 < len(expected) < 32
     for a, b in zip(single, history):
         for key in ("loss", "loss_agg", "loss_path", "mi_estimate"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,72 @@
+"""Evaluation subsets checked before the first step, so that nothing in them stops the evaluation hours later:
+every row (train/rows.py) and every image a row references, from its header (train/images.py ``check``:
+outside ``--image-dir``, missing, not an image, decompression bomb, aspect ratio, float pixels; each distinct
+path opened once). ``--bad-images error`` stops naming the file, the row and the field; ``skip`` drops a row
+whose query or positive (candidate 0) image is bad and a bad negative from its row's candidates, counting
+both. Evaluation reads its subsets through the same function, so it scores exactly what the check kept."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import images
+from .images import BadImage
+from .rows import _where, load_eval_rows
+
+log = logging.getLogger("pdf.data")
+
+
+@dataclass
+class EvalSubset:
+    rows: list[dict]
+    dropped_rows: int = 0
+    dropped_candidates: int = 0
+
+
+def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, policy: str = "skip") -> EvalSubset:
+    """The subset's checked rows, with the rows and candidates dropped for bad images (``policy`` skip)."""
+    verdicts: dict[str, str | None] = {}  # image path -> why it is bad, or None
+
+    def bad(image: str) -> str | None:
+        if image and image not in verdicts:
+            try:
+                images.check(image_dir, image, allow_outside)
+                verdicts[image] = None
+            except BadImage as exc:
+                verdicts[image] = str(exc)
+        return verdicts.get(image)
+
+    kept, dropped_rows, dropped_candidates, first = [], 0, 0, None
+    for index, row in enumerate(load_eval_rows(path)):
+        fields = [("qry_img_path", row["qry_img_path"])]
+        fields += [(f"tgt_img_path[{i}]", p) for i, p in enumerate(row["tgt_img_path"])]
+        problems = [(i, f"{_where(path, index)}: '{key}': {why}") for i, (key, image) in enumerate(fields)
+                    if (why := bad(image))]
+        if not problems:
+            kept.append(row)
+            continue
+        if policy == "error":
+            raise BadImage(f"bad eval image (run with --bad-images skip to drop such rows and candidates): "
+                           f"{problems[0][1]}")
+        first = first or problems[0][1]
+        if problems[0][0] <= 1:  # the query or the positive: nothing left to score
+            dropped_rows += 1
+            continue
+        negatives = {i - 1 for i, _ in problems}
+        dropped_candidates += len(negatives)
+        kept.append({**row, "tgt_text": [t for i, t in enumerate(row["tgt_text"]) if i not in negatives],
+                     "tgt_img_path": [p for i, p in enumerate(row["tgt_img_path"]) if i not in negatives]})
+    if first:
+        log.warning("%s: bad images (--bad-images skip): dropped %d of %d rows and %d negative candidates "
+                    "(first: %s)", path, dropped_rows, dropped_rows + len(kept), dropped_candidates, first)
+    if not kept:
+        raise ValueError(f"eval file {path}: no row left to score ({dropped_rows} dropped for bad images; "
+                         f"first: {first})")
+    return EvalSubset(kept, dropped_rows, dropped_candidates)
+
+
+def check_eval_data(config) -> list[EvalSubset]:
+    """Every ``config.eval_data`` subset checked (rows and images), before any training."""
+    return [load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
+            for path in config.eval_data]
