@@ -3,11 +3,12 @@
 
     python -m pdfkernels.bench.table4
 
-Counting convention (pinned down in FACTS.md): FLOPs of Linear and Conv layers at 2 x MACs, the LM head over
-all T tokens, attention score/value products not counted, one 1344x1344 image (9216 patches, 2304 merged
-visual tokens, T = 2314 tokens with 10 text tokens). Single prefix adds the prefix attention products
-4 * T * K * d_model per layer; the aggregate runs the vision tower once, the language model on both paths
-(with their prefix attention) and the LM head once. VLM2Vec: DoRA r = 8 on text q/k/v/o/down_proj.
+Counting convention (the one under which the paper's Table 4 figures reproduce): FLOPs of Linear and Conv
+layers at 2 x MACs, the LM head over all T tokens, attention score/value products not counted, one 1344x1344
+image (9216 patches, 2304 merged visual tokens, T = 2314 tokens with 10 text tokens). Single prefix adds the
+prefix attention products 4 * T * K * d_model per layer; the aggregate runs the vision tower once, the
+language model on both paths (with their prefix attention) and the LM head once. VLM2Vec: DoRA r = 8 on text
+q/k/v/o/down_proj.
 
 The same counts follow for the other backbone presets (``BACKBONES``: Qwen2.5-VL-3B / -7B, Qwen3-VL-2B where the
 installed transformers has it), with no paper figures to compare: their image gives ``(1344 / patch)^2`` patches

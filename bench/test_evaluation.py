@@ -33,7 +33,7 @@ def _setup():
     config = TrainConfig(model="qwen2vl-2b" if CUDA else "tiny", eval_batch_size=64, num_workers=0)
     model, tokenizer, processor = build(config, synthetic.all_words(), DEVICE)
     model.eval()
-    aggregator = models.Aggregator(models.patch._hf_model(model).config.text_config.hidden_size,
+    aggregator = models.Aggregator(models.patch.hf_model(model).config.text_config.hidden_size,
                                    config.num_paths).to(DEVICE)
     return config, model, make_collator(model, tokenizer, processor, config.max_length), aggregator
 

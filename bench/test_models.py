@@ -84,7 +84,7 @@ def _forward(arch: str, variant: str):
             raise RuntimeError("unpatched must run before the patch")
 
         def run():
-            hidden = models.patch._inner(model)(**inputs, use_cache=False).last_hidden_state
+            hidden = models.patch.inner_model(model)(**inputs, use_cache=False).last_hidden_state
             return models.last_token(hidden, inputs["attention_mask"])
         return run
     if not hasattr(model, "pdf_prefix"):

@@ -27,8 +27,8 @@ from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader, TrainSampler, example
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import load_train_rows
-from pdfkernels.train.run import chunks, make_parts
-from pdfkernels.train.step import train_step
+from pdfkernels.train.run import make_parts
+from pdfkernels.train.step import collate_chunks, train_step
 
 _DATA = Path(tempfile.mkdtemp(prefix="pdf-bench-")) / "shapes"
 BATCH = 8 if CUDA else 32
@@ -49,7 +49,7 @@ def _setup(variant: str):
     plan = TrainSampler([load_train_rows(p) for p in config.train_data], None, 0).plan(0, BATCH)
     queries, targets = zip(*(example(row, ImageLoader(config.image_dir)) for row in plan))
     queries, targets = list(queries), list(targets)
-    q, t = chunks(collator, queries, BATCH, DEVICE), chunks(collator, targets, BATCH, DEVICE)
+    q, t = collate_chunks(collator, queries, BATCH, DEVICE), collate_chunks(collator, targets, BATCH, DEVICE)
     return (lambda: train_step(parts, q, t, config, DEVICE)), parts, config, q + t
 
 

@@ -22,12 +22,8 @@ from . import attention
 from .layout import SUPPORTED, attention_modules, check_supported, geometry, hf_model, inner_model, text_config
 from .mmeb import install_pooling, is_mmeb
 
-__all__ = ["SUPPORTED", "apply_pdf", "encode", "last_token", "mark_pdf_trainable", "pdf_parameters", "text_config",
-           "use_paths"]
-
-_hf_model = hf_model  # the names the trainer and benchmarks use
-_inner = inner_model
-
+__all__ = ["SUPPORTED", "apply_pdf", "encode", "hf_model", "inner_model", "last_token", "mark_pdf_trainable",
+           "pdf_parameters", "text_config", "use_paths"]
 
 def init_prefix(num_layers: int, num_paths: int, kv_heads: int, prefix_len: int, head_dim: int,
                 dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:

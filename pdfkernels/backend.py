@@ -50,7 +50,7 @@ def use_triton_for(op: str, t: torch.Tensor) -> bool:
 
 
 def interpreting() -> bool:
-    """Triton's interpreter runs kernels on the CPU; some dtypes need upcasting there (FACTS.md). Read as
+    """Triton's interpreter runs kernels on the CPU; its dot on 16-bit tiles is wrong, so they are upcast there. Read as
     Triton reads ``TRITON_INTERPRET`` (its knob takes "true", "on", "yes" too); a Triton without knobs
     (before 3.4) compared the variable with "1"."""
     try:
@@ -58,6 +58,11 @@ def interpreting() -> bool:
     except ImportError:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     return bool(knobs.runtime.interpret)
+
+
+def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """What the PyTorch paths accumulate in: fp32, or fp64 for fp64 inputs (which the kernels do not take)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def new_output(like: torch.Tensor, shape: tuple[int, ...] | None = None,

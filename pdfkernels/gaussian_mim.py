@@ -240,11 +240,6 @@ class PathStats:
         return torch.stack([self.w_sum, self.m_bar, self.s2, self.lv_sum, self.y_mean, self.y_m2])
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 accumulation, or fp64 for fp64 inputs (the PyTorch path only)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _row_chunks(b: int, d: int, elements: int = 1 << 16):
     """Row slices of about ``elements`` values per path: the PyTorch path's temporaries stay O(N d)-sized."""
     rows = max(1, elements // max(d, 1))
@@ -253,7 +248,7 @@ def _row_chunks(b: int, d: int, elements: int = 1 << 16):
 
 def _stats_torch(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> PathStats:
     """Statistics of each row chunk, merged with the same update the kernel and the ranks use."""
-    acc = _acc_dtype(y)
+    acc = backend.accumulate_dtype(y)
     merged = None
     for rows in _row_chunks(y.shape[1], y.shape[2]):
         yc, muc, lvc = y[:, rows].to(acc), mu[:, rows].to(acc), logvar[:, rows].to(acc)
@@ -270,7 +265,7 @@ def _stats_torch(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> Pat
 
 def _stats_triton(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> PathStats:
     n, b, d = y.shape
-    stats = torch.full((6, n, d), float("nan"), dtype=torch.float32, device=y.device)
+    stats = backend.new_output(y, (6, n, d), torch.float32)
     cfg = _config(mim_stats_kernel, y.dtype)
     block_d = cfg.constexprs["BLOCK_D"]
     mim_stats_kernel[(n, triton.cdiv(d, block_d))](y, mu, logvar, stats, b, d, **cfg.constexprs,
@@ -324,7 +319,7 @@ def _others_stats(stats: PathStats) -> tuple[torch.Tensor, int]:
 
 def _forward_torch(y, mu, logvar, stats: PathStats | None, alpha: float, beta: float) -> torch.Tensor:
     n, b, d = y.shape
-    acc = _acc_dtype(y)
+    acc = backend.accumulate_dtype(y)
     total = torch.zeros((), dtype=acc, device=y.device)
     for rows in _row_chunks(b, d):
         for i in range(n):
@@ -344,7 +339,7 @@ def _backward_torch(y, mu, logvar, stats: PathStats | None, others: torch.Tensor
                     alpha: float, beta: float, grad_out: torch.Tensor):
     """The kernel's elementwise formulas, a row chunk at a time, written straight into the gradients."""
     n, b, d = y.shape
-    acc = _acc_dtype(y)
+    acc = backend.accumulate_dtype(y)
     g = grad_out.to(acc)
     dy, dmu, dlv = torch.empty_like(y), torch.empty_like(mu), torch.empty_like(logvar)
     for rows in _row_chunks(b, d):
@@ -382,7 +377,7 @@ def _forward_triton(y, mu, logvar, stats: PathStats | None, alpha: float, beta: 
     n, b, d = y.shape
     cfg = _config(mim_forward_kernel, y.dtype, stats is not None)
     block_b = cfg.constexprs["BLOCK_B"]
-    partial = torch.full((n, triton.cdiv(b, block_b)), float("nan"), dtype=torch.float32, device=y.device)
+    partial = backend.new_output(y, (n, triton.cdiv(b, block_b)), torch.float32)
     packed = stats.stacked() if stats is not None else partial  # unused when USE_STATS is False
     mim_forward_kernel[partial.shape](y, mu, logvar, packed, partial, n, b, d, alpha, beta, **cfg.constexprs,
                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -393,7 +388,7 @@ def _backward_triton(y, mu, logvar, stats: PathStats | None, others: torch.Tenso
                      alpha: float, beta: float, grad_out: torch.Tensor):
     n, b, d = y.shape
     cfg = _config(mim_backward_kernel, y.dtype, stats is not None)
-    grads = [torch.full_like(t, float("nan")) for t in (y, mu, logvar)]
+    grads = [backend.new_output(t) for t in (y, mu, logvar)]
     packed = stats.stacked() if stats is not None else grad_out
     others = others if others is not None else grad_out
     grid = (n, triton.cdiv(b, cfg.constexprs["BLOCK_B"]), triton.cdiv(d, cfg.constexprs["BLOCK_D"]))

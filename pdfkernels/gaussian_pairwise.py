@@ -92,10 +92,6 @@ for _dtype, _t in _TL_TYPES.items():
 CANCEL = 8.0
 
 
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _shift(mu: torch.Tensor) -> torch.Tensor:
     """Per-dimension mean of the finite mu (0 where none is): one NaN in mu_m must not reach other columns."""
     finite = torch.isfinite(mu)
@@ -103,7 +99,7 @@ def _shift(mu: torch.Tensor) -> torch.Tensor:
 
 
 def _centred(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor):
-    acc = _acc(y)
+    acc = backend.accumulate_dtype(y)
     y, mu, logvar = y.to(acc), mu.to(acc), logvar.to(acc)
     shift = _shift(mu)
     return y - shift, mu - shift, logvar, torch.exp(-logvar), shift
@@ -115,7 +111,7 @@ def _evaluate_directly(out: torch.Tensor, flags: torch.Tensor, y, mu, logvar) ->
     pairs = flags.nonzero()
     if pairs.numel() == 0:
         return
-    acc, d = _acc(y), y.shape[1]
+    acc, d = backend.accumulate_dtype(y), y.shape[1]
     step = max(1, (1 << 16) // d)
     for start in range(0, pairs.shape[0], step):
         k, m = pairs[start:start + step].unbind(1)

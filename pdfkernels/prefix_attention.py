@@ -212,7 +212,7 @@ def _lse_shape(q: torch.Tensor, varlen: bool, triton_path: bool) -> tuple[int, .
 
 def _fake_forward(q, varlen: bool):
     triton_path = backend.use_triton_for("prefix_attention", q)
-    dtype = torch.float32 if triton_path else torch_path.lse_dtype(q)
+    dtype = torch.float32 if triton_path else backend.accumulate_dtype(q)
     return _like(q), q.new_empty(_lse_shape(q, varlen, triton_path), dtype=dtype)
 
 

@@ -36,7 +36,7 @@ _KERNELS = (prefix_attention_fwd_kernel, prefix_attention_bwd_dkdv_kernel, prefi
             prefix_attention_bwd_dprefix_kernel)
 _TRITON_LINE = tuple(int(p) for p in triton.__version__.split(".")[:2])
 # pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix pointer kernels: the most that each
-# Triton line compiles without spills (3.6, as on the GPU machines: 1; 3.9: 2)
+# Triton line compiles without spills (``python -m pdfkernels.aot`` fails on a spill)
 _SM90_BWD_STAGES = 1 if _TRITON_LINE < (3, 7) else 2
 TMA_VAR = "PDFKERNELS_TMA"
 _TMA_CHOICES = ("auto", "0", "1")
@@ -44,12 +44,11 @@ _TMA_CHOICES = ("auto", "0", "1")
 
 def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> dict:
     """The tiles, launch parameters and static-profile budgets per kernel, dtype, head_dim and
-    architecture: the one source for launches and for ``python -m pdfkernels.aot`` (each compiles there without spills
-    with Triton 3.6, as on the GPU machines, and 3.9). The sm_90 16-bit dK/dV and head_dim-128 dprefix
-    kernels are pipelined per Triton version: 3.6 spills with two stages (8/24 bytes outside the inner
-    loops), 3.9 with one (64-80 bytes). ``budgets``: the most issue clocks
+    architecture: the one source for launches and for ``python -m pdfkernels.aot`` (which fails on any spill;
+    it prints the registers and spills of the installed Triton). The sm_90 16-bit dK/dV and head_dim-128
+    dprefix kernels are pipelined per Triton line (``_SM90_BWD_STAGES``). ``budgets``: the most issue clocks
     per 64x64x16 MMA unit that ``python -m pdfkernels.aot --profile`` accepts for the named loop (``# loop:``
-    in the kernels) on sm_90; measured figures plus a small margin. Untuned on a GPU so far.
+    in the kernels) on sm_90; measured figures plus a small margin.
 
     BLOCK_M counts query rows, BLOCK_N keys (own or prefix). dK/dV: BLOCK_N keys are the MMA's M operand
     (>= 64 per warpgroup on sm_90) and a multiple of BLOCK_M (the causal diagonal is whole query tiles).
@@ -64,7 +63,7 @@ def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> di
 def _pointer_tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     wide = head_dim > 64
     if dtype == torch.float32:  # full-precision (ieee) dots run on CUDA cores: small tiles, no spills
-        if kernel is prefix_attention_bwd_dkdv_kernel:  # sm_90, 8 warps: Triton 3.6 spills 8 bytes
+        if kernel is prefix_attention_bwd_dkdv_kernel:  # sm_90 with 8 warps spills
             return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8 if wide and arch < 90 else 4, num_stages=1)
         if kernel is prefix_attention_bwd_dq_kernel and wide and arch >= 90:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=1)
@@ -146,7 +145,7 @@ def _tile_options(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: boo
     ``tag`` names an alternative in its config's variant."""
     tiles = _tile(kernel, dtype, head_dim, arch, tma)
     if kernel is prefix_attention_bwd_dq_kernel and _tma_arch(dtype, arch) and head_dim == 128:
-        # 32-key tiles: fewer registers (146-168 against 185-219), more programs' worth of overlap
+        # 32-key tiles: fewer registers than 64 (aot prints both), more programs' worth of overlap
         return [tiles, dict(tiles, BLOCK_N=32, budgets={"dq": 20.0, "dq-prefix": 20.0}, tag="n32")]
     return [tiles]
 
@@ -160,7 +159,8 @@ def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
     """Which variants ship (True: tensor descriptors, False: pointer loads), the default first: the one
     whose main loops profile lower on sm_90 with this Triton line (``python -m pdfkernels.aot --profile``).
     On a GPU the autotuner times every variant a call's tensors allow. The figures behind this choice are
-    in the README's ahead-of-time section; under Triton 3.6 the TMA dK/dV is over its budget and not shipped."""
+    in the README's ahead-of-time section; under Triton before 3.7 the TMA dK/dV is over its budget and not
+    shipped."""
     if not _tma_arch(dtype, arch):
         return (False,)
     old_triton = _TRITON_LINE < (3, 7)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels use EX2
 
 
 @triton.jit
@@ -190,7 +190,7 @@ def prefix_attention_fwd_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         q = _load_tile(q_ptr + seq.to(tl.int64) * stride_qb + (tok0 + tok).to(tl.int64)[:, None] * stride_qt
                        + head[:, None] * stride_qh + dims[None, :], row_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -315,7 +315,7 @@ def prefix_attention_bwd_dkdv_kernel(
                         + (cols[:, None] * stride_vt + dims[None, :]), col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         if CAUSAL:  # queries before the key block see none of it; the next BLOCK_N tokens see part of it
             start = n0
             diag_end = tl.minimum(n0 + BLOCK_N, seqlen)
@@ -410,7 +410,7 @@ def prefix_attention_bwd_dq_kernel(
                         + dims[None, :], row_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
         l_off = seq.to(tl.int64) * stride_lb + (tok0 + tok).to(tl.int64) * stride_lt + head
         lse, delta = _row_stats(lse_ptr + l_off, delta_ptr + l_off, row_ok, True)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * LOG2E
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         # prefix keys: whole tiles, then a partial one (fp32: one masked loop, see the forward)
@@ -505,7 +505,7 @@ def prefix_attention_bwd_dprefix_kernel(
     pvt = _load_tile(pv_ptr + p_off, col_ok, dims, HEAD_DIM, BLOCK_D, True, UPCAST)
     dpk_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     dpv_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     t_lo = chunk_id * chunk
     t_hi = tl.minimum(t_lo + chunk, seqlen)
     full_end = tl.maximum(t_lo, t_hi - (t_hi - t_lo) % BLOCK_M)

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return _acc(q)
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
+from . import backend
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -35,7 +28,7 @@ def _bias(q, num_prefix: int, mask, causal: bool, dtype: torch.dtype) -> torch.T
 
 def _keys(q, k, v, pk, pv, path_ids):
     """Prefix then own keys and values, repeated over each GQA group: ``[B, H, K + L, D]`` in fp32."""
-    acc, group = _acc(q), q.shape[1] // k.shape[1]
+    acc, group = backend.accumulate_dtype(q), q.shape[1] // k.shape[1]
     keys = torch.cat([pk[path_ids], k], dim=2).to(acc).repeat_interleave(group, dim=1)
     values = torch.cat([pv[path_ids], v], dim=2).to(acc).repeat_interleave(group, dim=1)
     return keys, values
@@ -115,7 +108,7 @@ def _padded(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
 def forward_varlen(q, k, v, pk, pv, cu_seqlens, path_ids, causal: bool, scale: float, differentiable: bool = False):
     """Packed layout: output ``[T, H, D]`` and log-sum-exp ``[T, H]``, one sequence at a time."""
     out = torch.zeros_like(q)
-    lse = torch.zeros(q.shape[:2], dtype=_acc(q), device=q.device)
+    lse = torch.zeros(q.shape[:2], dtype=backend.accumulate_dtype(q), device=q.device)
     for s, a, b in _sequences(cu_seqlens):
         o, m = forward(_padded(q, a, b), _padded(k, a, b), _padded(v, a, b), pk, pv, path_ids[s:s + 1], None, causal,
                        scale, differentiable)

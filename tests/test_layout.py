@@ -18,6 +18,7 @@ def test_wheel_installs_only_the_pdfkernels_namespace(tmp_path):
     for sub in ("models", "train", "bench", "integrations"):
         assert f"pdfkernels/{sub}/__init__.py" in names
     assert "pdfkernels/train/configs/demo.yaml" in names
+    assert not [n for n in names if n.startswith("pdfkernels/bench/test_")], "benchmark cases stay in the checkout"
 
 
 def test_subpackages_import_without_generic_names():

@@ -138,7 +138,7 @@ def encode_items(model, collator: Collator, items: list[Item], loader: ImageLoad
                 reps = models.encode(model, inputs, paths).float()
             for mode in group:
                 out[mode].append(aggregator(reps) if mode == "aggregate" else reps[0])
-    hidden = models.patch._hf_model(model).config.text_config.hidden_size
+    hidden = models.patch.hf_model(model).config.text_config.hidden_size
     flags = torch.tensor([float(j in bad) for j in range(len(mine))], device=device)[:, None]
     failed = _gather_rows(flags, len(items))[:, 0] > 0  # every rank learns every rank's failed items
     good = [j for j in range(len(mine)) if j not in bad]

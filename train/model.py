@@ -171,7 +171,7 @@ def build(config: TrainConfig, words: list[str], device: torch.device, image_sid
 
 def make_collator(model, tokenizer, processor, max_length: int, image_side: int = 0):
     """The collator of the model's family; ``image_side`` > 0 resizes every image to that square first."""
-    hf = models.patch._hf_model(model)
+    hf = models.patch.hf_model(model)
     if hf.config.model_type in QWEN_KINDS:  # mm_token_type_ids where the forward models.encode calls takes them
         forward = (models.patch.inner_model(model) or hf).forward
         collator = Qwen2VLCollator(tokenizer, processor, hf.config, max_length,

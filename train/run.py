@@ -84,7 +84,7 @@ def lr_schedule(config: TrainConfig):
 
 
 def make_parts(config: TrainConfig, model, device) -> Parts:
-    hidden = models.patch._hf_model(model).config.text_config.hidden_size
+    hidden = models.patch.hf_model(model).config.text_config.hidden_size
     aggregator = models.Aggregator(hidden, config.num_paths).to(device) if config.num_paths > 1 else None
     estimator = models.VCLUB(hidden).to(device) if config.trains_estimator else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,11 +93,6 @@ def make_parts(config: TrainConfig, model, device) -> Parts:
     estimator_optimizer = torch.optim.AdamW(estimator.parameters(), lr=config.estimator_lr) if estimator else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(config))
     return Parts(model, aggregator, estimator, optimizer, estimator_optimizer, scheduler)
-
-
-def chunks(collator, examples: list, size: int, device) -> list[dict]:
-    return [{k: v.to(device) for k, v in collator(examples[i:i + size]).items()}
-            for i in range(0, len(examples), size)]
 
 
 def demo_arguments() -> list[str]:

@@ -35,6 +35,13 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
+def collate_chunks(collator, examples: list, size: int, device) -> list[dict]:
+    """``examples`` as GradCache chunks of ``size`` collated rows on ``device``: what ``train_step`` takes (the
+    trainer's loader builds them in its workers; benchmarks and tests call this)."""
+    return [{k: v.to(device) for k, v in collator(examples[i:i + size]).items()}
+            for i in range(0, len(examples), size)]
+
+
 def average_gradients(optimizer: torch.optim.Optimizer) -> None:
     """Data parallelism without a wrapper: every rank's gradients averaged (what DDP's reducer does), once
     per step after all GradCache chunks, in a fixed order."""

@@ -17,7 +17,7 @@ from pdfkernels.train.data import ImageLoader, TrainSampler, example, negatives
 from pdfkernels.train.loader import StepShares, TrainBatches
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import BadRow, load_train_rows
-from pdfkernels.train.step import contrastive_loss, train_step
+from pdfkernels.train.step import collate_chunks, contrastive_loss, train_step
 from tests.train.helpers import run_args, shapes_data_with_negatives
 
 H = 2  # negatives per query in the generated set
@@ -131,8 +131,9 @@ def _grads(parts):
 
 def test_gradcache_with_negatives_equals_the_full_batch_step(data):
     config, parts, collator, queries, targets, negs = _setup(data, chunk_size=3)
-    metrics = train_step(parts, run.chunks(collator, queries, 3, "cpu"), run.chunks(collator, targets, 3, "cpu"),
-                         config, torch.device("cpu"), run.chunks(collator, negs, 3, "cpu"))
+    metrics = train_step(parts, collate_chunks(collator, queries, 3, "cpu"),
+                         collate_chunks(collator, targets, 3, "cpu"), config, torch.device("cpu"),
+                         collate_chunks(collator, negs, 3, "cpu"))
     cached = _grads(parts)
 
     config, ref, collator, queries, targets, negs = _setup(data, chunk_size=8)

@@ -14,8 +14,8 @@ from pdfkernels.train.data import ImageLoader, TrainSampler, example
 from pdfkernels.train.metrics import NegativeMIWatch
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import load_train_rows
-from pdfkernels.train.run import chunks, make_parts
-from pdfkernels.train.step import contrastive_loss, train_step
+from pdfkernels.train.run import make_parts
+from pdfkernels.train.step import collate_chunks, contrastive_loss, train_step
 from tests.train.helpers import shapes_data
 from tests.train.mim_helpers import anti_estimator
 
@@ -47,8 +47,8 @@ def _grads(parts):
 def test_gradcache_equals_full_batch_step(tmp_path_factory):
     # chunked step
     config, parts, collator, queries, targets = _setup(tmp_path_factory, chunk_size=2)
-    metrics = train_step(parts, chunks(collator, queries, 2, "cpu"), chunks(collator, targets, 2, "cpu"), config,
-                         torch.device("cpu"))
+    metrics = train_step(parts, collate_chunks(collator, queries, 2, "cpu"),
+                         collate_chunks(collator, targets, 2, "cpu"), config, torch.device("cpu"))
     cached = _grads(parts)
 
     # the same step written directly: estimator step, then one forward with gradients on the full batch
@@ -76,8 +76,8 @@ def test_gradcache_equals_full_batch_step(tmp_path_factory):
 
 def test_metrics_report_every_term(tmp_path_factory):
     config, parts, collator, queries, targets = _setup(tmp_path_factory, chunk_size=3)
-    metrics = train_step(parts, chunks(collator, queries, 3, "cpu"), chunks(collator, targets, 3, "cpu"), config,
-                         torch.device("cpu"))
+    metrics = train_step(parts, collate_chunks(collator, queries, 3, "cpu"),
+                         collate_chunks(collator, targets, 3, "cpu"), config, torch.device("cpu"))
     assert {"loss", "loss_agg", "loss_path", "loss_estimator", "mi_estimate", "path_cosine", "prefix_cosine",
             "emb_norm_0", "emb_norm_1", "lr"} <= set(metrics)
     assert all(v == v for v in metrics.values())  # no NaN
@@ -87,8 +87,8 @@ def test_metrics_report_every_term(tmp_path_factory):
 
 
 def _run_step(parts, collator, queries, targets, config, chunk_size=3) -> dict:
-    return train_step(parts, chunks(collator, queries, chunk_size, "cpu"), chunks(collator, targets, chunk_size, "cpu"),
-                      config, torch.device("cpu"))
+    return train_step(parts, collate_chunks(collator, queries, chunk_size, "cpu"),
+                      collate_chunks(collator, targets, chunk_size, "cpu"), config, torch.device("cpu"))
 
 
 def test_estimator_steps_runs_k_estimator_updates_then_one_model_update(tmp_path_factory):
