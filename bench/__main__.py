@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pdfkernels import settings
 from pdfkernels.bench import headline, schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def run_timed(part: str, quick: bool, meta: dict, select: str | None = None) -> 
                            f"checkout: run python -m pdfkernels.bench from one")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        env = {**os.environ, "PDFKERNELS_BENCH_QUICK": "1" if quick else "0"}
+        env = {**os.environ, settings.BENCH_QUICK.name: "1" if quick else "0"}
         env.pop("TRITON_INTERPRET", None)
         cmd = [sys.executable, "-m", "pytest", str(cases), "--benchmark-only", "-q",
                "-p", "no:cacheprovider", "-rs", f"--benchmark-json={report}"]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from pdfkernels import settings
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-QUICK = os.environ.get("PDFKERNELS_BENCH_QUICK") == "1"  # CI-sized CPU run (python -m pdfkernels.bench --quick)
+QUICK = settings.on(settings.BENCH_QUICK)  # CI-sized CPU run (python -m pdfkernels.bench --quick)
 
 
 def device_name() -> str:

@@ -25,18 +25,16 @@ CPU runs and tests stay deterministic. ``PDFKERNELS_AUTOTUNE=0`` turns tuning of
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
 
-from . import backend
+from . import backend, settings
 
-ENV_VAR = "PDFKERNELS_AUTOTUNE"
-LOG_VAR = "PDFKERNELS_AUTOTUNE_LOG"
-CHOICES = ("0", "1")
+ENV_VAR = settings.AUTOTUNE.name
+LOG_VAR = settings.AUTOTUNE_LOG.name
 WARMUP_MS = 5  # short: a launch key is tuned once per process, on the first real call
 REP_MS = 20
 
@@ -50,10 +48,7 @@ _cache: dict[tuple[str, tuple], dict] = {}
 
 def enabled(device: torch.device) -> bool:
     """True when launches on ``device`` are tuned: CUDA, compiled (not interpreted), not switched off."""
-    value = os.environ.get(ENV_VAR, "1").strip() or "1"
-    if value not in CHOICES:
-        raise ValueError(f"environment variable {ENV_VAR} expected one of {CHOICES}, got {value!r}")
-    return value == "1" and torch.device(device).type == "cuda" and not backend.interpreting()
+    return settings.on(settings.AUTOTUNE) and torch.device(device).type == "cuda" and not backend.interpreting()
 
 
 def may_time(device: torch.device) -> bool:
@@ -103,7 +98,7 @@ def pick(op: str, key: tuple, candidates: Sequence[T], run: Callable[[T], None],
         raise RuntimeError(f"autotune {op} {key}: every candidate failed:\n  " + "\n  ".join(errors))
     choice = min(ok, key=lambda i: times[i])  # ties: the earlier (preferred) candidate
     _cache[(op, key)] = {"choice": choice, "times_ms": times}
-    if os.environ.get(LOG_VAR) == "1":
+    if settings.on(settings.AUTOTUNE_LOG):
         shown = ", ".join("failed" if t is None else f"{t:.4f}" for t in times)
         print(f"pdfkernels autotune: {op} {key} -> candidate {choice} (ms: {shown})", file=sys.stderr)
         for line in errors:

@@ -8,20 +8,17 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-ENV_VAR = "PDFKERNELS_BACKEND"
-POISON_VAR = "PDFKERNELS_POISON"  # tests set it: kernel outputs start as NaN, so an unwritten element fails
-CHOICES = ("auto", "triton", "torch")
+from . import settings
+from .settings import interpreting
+
+ENV_VAR = settings.BACKEND.name
+POISON_VAR = settings.POISON.name
 
 
 def requested() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"environment variable {ENV_VAR} expected one of {CHOICES}, got {value!r}")
-    return value
+    return settings.get(settings.BACKEND)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -36,6 +33,8 @@ def use_triton(t: torch.Tensor) -> bool:
     return choice == "triton"
 
 
+__all__ = ["accumulate_dtype", "interpreting", "new_output", "requested", "use_triton", "use_triton_for"]
+
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # what the kernels take
 
 
@@ -47,17 +46,6 @@ def use_triton_for(op: str, t: torch.Tensor) -> bool:
         raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {t.dtype} "
                         f"(float64 runs on the PyTorch path: {ENV_VAR}=torch)")
     return True
-
-
-def interpreting() -> bool:
-    """Triton's interpreter runs kernels on the CPU; its dot on 16-bit tiles is wrong, so they are upcast there. Read as
-    Triton reads ``TRITON_INTERPRET`` (its knob takes "true", "on", "yes" too); a Triton without knobs
-    (before 3.4) compared the variable with "1"."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return bool(knobs.runtime.interpret)
 
 
 def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
@@ -72,6 +60,6 @@ def new_output(like: torch.Tensor, shape: tuple[int, ...] | None = None,
         out = torch.empty_like(like, dtype=dtype)
     else:
         out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if os.environ.get(POISON_VAR) == "1" and out.is_floating_point():
+    if settings.on(settings.POISON) and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -14,13 +14,12 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import os
 from collections.abc import Callable
 
 import torch
 import triton
 
-from . import autotune, backend
+from . import autotune, backend, settings
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dprefix_kernel,
@@ -38,8 +37,7 @@ _TRITON_LINE = tuple(int(p) for p in triton.__version__.split(".")[:2])
 # pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix pointer kernels: the most that each
 # Triton line compiles without spills (``python -m pdfkernels.aot`` fails on a spill)
 _SM90_BWD_STAGES = 1 if _TRITON_LINE < (3, 7) else 2
-TMA_VAR = "PDFKERNELS_TMA"
-_TMA_CHOICES = ("auto", "0", "1")
+TMA_VAR = settings.TMA.name
 
 
 def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> dict:
@@ -214,13 +212,6 @@ def arch_of(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
-def _tma_requested() -> str:
-    value = os.environ.get(TMA_VAR, "auto").strip().lower() or "auto"
-    if value not in _TMA_CHOICES:
-        raise ValueError(f"environment variable {TMA_VAR} expected one of {_TMA_CHOICES}, got {value!r}")
-    return value
-
-
 def _describable(t: torch.Tensor) -> bool:
     """What a TMA descriptor can address: 16-byte aligned base, unit-stride last dim, and every other dim
     of size > 1 with a positive stride that is a multiple of 16 bytes (expanded or odd slices: no)."""
@@ -231,7 +222,7 @@ def _describable(t: torch.Tensor) -> bool:
 
 def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether a kernel gets tensor descriptors for ``tensors`` (the ones it streams), see the module doc."""
-    mode = _tma_requested()
+    mode = settings.get(settings.TMA)
     compiled_gpu = device.type == "cuda" and not backend.interpreting()
     arch = arch_of(device)
     if mode == "1" and compiled_gpu and arch < 90:

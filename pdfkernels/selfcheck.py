@@ -1,6 +1,7 @@
 """Self-check: every public op on small random inputs against an independent computation.
 
     python -m pdfkernels.selfcheck [--seed S]
+    python -m pdfkernels.selfcheck --env   # the environment variables pdfkernels reads, their values here
 
 Prints a markdown table (op, case, max abs error, tolerance, status, time) and exits non-zero when any
 row fails. Inputs are fresh random draws on each run unless a seed is given.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 import pdfkernels
-from pdfkernels import reference
+from pdfkernels import reference, settings
 from pdfkernels.baselines import cat_sdpa_prefix_attention, club_broadcast_mim
 from pdfkernels.layout import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
@@ -85,7 +86,13 @@ CASES: list[tuple[str, Callable[[], tuple[str, torch.Tensor, torch.Tensor]], flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=None, help="fixed seed (default: fresh inputs)")
+    parser.add_argument("--env", action="store_true", help="list the environment variables pdfkernels reads")
     args = parser.parse_args(argv)
+    if args.env:
+        print("| variable | value here | default (choices) | meaning |\n|---|---|---|---|")
+        for row in settings.table():
+            print("| " + " | ".join(row) + " |")
+        return 0
     if args.seed is not None:
         torch.manual_seed(args.seed)
     print(f"pdfkernels {pdfkernels.__version__} self-check, torch {torch.__version__}, device cpu\n")

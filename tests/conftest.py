@@ -14,6 +14,8 @@ os.environ.setdefault("PDFKERNELS_POISON", "1")  # kernel outputs start as NaN: 
 
 import pytest  # noqa: E402
 
+from pdfkernels import settings  # noqa: E402  (imports no kernel: after the interpreter switch all the same)
+
 
 def pytest_collection_modifyitems(config, items):
     if CUDA:
@@ -27,9 +29,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def fresh_seed():
     """Fresh random inputs on every run; the seed is printed so a failure can be replayed."""
-    seed = int(os.environ.get("PDFKERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    seed = int(settings.get(settings.TEST_SEED) or random.SystemRandom().randrange(2**31))
     torch.manual_seed(seed)
-    print(f"PDFKERNELS_TEST_SEED={seed}")
+    print(f"{settings.TEST_SEED.name}={seed}")
     return seed
 
 
