@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import backend
 from .reference import LOG_2PI
-from .registry import KernelConfig, configs_for, register
+from .registry import KernelConfig, lookup, register
 from .validation import check_gaussian
 
 _TL_TYPES = backend.TRITON_TYPES
@@ -193,17 +193,17 @@ def mim_backward_kernel(y_ptr, mu_ptr, logvar_ptr, stats_ptr, others_ptr, grad_o
 def _register_configs() -> None:
     for t in _TL_TYPES.values():
         ptrs = {"y_ptr": f"*{t}", "mu_ptr": f"*{t}", "logvar_ptr": f"*{t}"}
-        register(KernelConfig(mim_stats_kernel, t, signature={
+        register(KernelConfig(mim_stats_kernel, t, key=(t,), signature={
             **ptrs, "stats_ptr": "*fp32", "B": "i32", "D": "i32", "BLOCK_B": "constexpr", "BLOCK_D": "constexpr"},
             constexprs={"BLOCK_B": 32, "BLOCK_D": 128}, num_warps=4, num_stages=2))
         for use_stats in (True, False):
             label = f"{t} {'mim' if use_stats else 'estimator'}"
-            register(KernelConfig(mim_forward_kernel, label, signature={
+            register(KernelConfig(mim_forward_kernel, label, key=(t, use_stats), signature={
                 **ptrs, "stats_ptr": "*fp32", "partial_ptr": "*fp32", "N": "i32", "B": "i32", "D": "i32",
                 "alpha": "fp32", "beta": "fp32", "USE_STATS": "constexpr", "BLOCK_B": "constexpr",
                 "BLOCK_D": "constexpr"},
                 constexprs={"USE_STATS": use_stats, "BLOCK_B": 16, "BLOCK_D": 128}, num_warps=4, num_stages=2))
-            register(KernelConfig(mim_backward_kernel, label, signature={
+            register(KernelConfig(mim_backward_kernel, label, key=(t, use_stats), signature={
                 **ptrs, "stats_ptr": "*fp32", "others_ptr": "*fp32", "grad_out_ptr": "*fp32",
                 "dy_ptr": f"*{t}", "dmu_ptr": f"*{t}", "dlogvar_ptr": f"*{t}", "N": "i32", "B": "i32", "D": "i32",
                 "alpha": "fp32", "beta": "fp32", "others_count": "fp32", "USE_STATS": "constexpr",
@@ -215,9 +215,9 @@ _register_configs()
 
 
 def _config(kernel, dtype: torch.dtype, use_stats: bool | None = None) -> KernelConfig:
-    label = _TL_TYPES[dtype] if use_stats is None else f"{_TL_TYPES[dtype]} {'mim' if use_stats else 'estimator'}"
-    (config,) = [c for c in configs_for(kernel) if c.variant == label]
-    return config
+    """The registered configuration of one launch (each key has one: nothing to tune)."""
+    key = (_TL_TYPES[dtype],) if use_stats is None else (_TL_TYPES[dtype], use_stats)
+    return lookup(kernel, key)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import backend
 from .reference import LOG_2PI
-from .registry import KernelConfig, configs_for, register
+from .registry import KernelConfig, lookup, register
 from .validation import check_gaussian
 
 _TL_TYPES = backend.TRITON_TYPES
@@ -73,19 +73,23 @@ def gaussian_pairwise_kernel(y_ptr, mu_ptr, logvar_ptr, shift_ptr, out_ptr, flag
     tl.store(flag_ptr + here, flag.to(tl.int8), mask=ok)
 
 
-for _dtype, _t in _TL_TYPES.items():
-    register(KernelConfig(
-        gaussian_pairwise_kernel, _t,
-        signature={"y_ptr": f"*{_t}", "mu_ptr": f"*{_t}", "logvar_ptr": f"*{_t}", "shift_ptr": "*fp32",
-                   "out_ptr": f"*{_t}", "flag_ptr": "*i8", "B": "i32", "D": "i32", "cancel": "fp32",
-                   "PRECISION": "constexpr", "BLOCK_M": "constexpr",
-                   "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
-        # fp32 (ieee dots on CUDA cores): 32-row tiles keep 16-wide K steps spill-free; Triton 3.6 (the GPU
-        # machines) refuses dots with K < 16
-        constexprs={"PRECISION": "ieee" if _dtype == torch.float32 else "tf32",
-                    "BLOCK_M": 32 if _dtype == torch.float32 else 64, "BLOCK_N": 64,
-                    "BLOCK_K": 16 if _dtype == torch.float32 else 32},
-        num_warps=8, num_stages=2, expect_wgmma=_dtype != torch.float32))
+def _register_configs() -> None:
+    for dtype, t in _TL_TYPES.items():
+        register(KernelConfig(
+            gaussian_pairwise_kernel, t, key=(t,),
+            signature={"y_ptr": f"*{t}", "mu_ptr": f"*{t}", "logvar_ptr": f"*{t}", "shift_ptr": "*fp32",
+                       "out_ptr": f"*{t}", "flag_ptr": "*i8", "B": "i32", "D": "i32", "cancel": "fp32",
+                       "PRECISION": "constexpr", "BLOCK_M": "constexpr",
+                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            # fp32 (ieee dots on CUDA cores): 32-row tiles keep 16-wide K steps spill-free; Triton 3.6 (the GPU
+            # machines) refuses dots with K < 16
+            constexprs={"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                        "BLOCK_M": 32 if dtype == torch.float32 else 64, "BLOCK_N": 64,
+                        "BLOCK_K": 16 if dtype == torch.float32 else 32},
+            num_warps=8, num_stages=2, expect_wgmma=dtype != torch.float32))
+
+
+_register_configs()
 
 
 # an entry whose GEMM-form terms exceed its value this many times (3 bits lost) is evaluated directly
@@ -135,7 +139,7 @@ def _pairwise_torch(y, mu, logvar) -> torch.Tensor:
 
 def _pairwise_triton(y, mu, logvar) -> torch.Tensor:
     b, d = y.shape
-    (cfg,) = [c for c in configs_for(gaussian_pairwise_kernel) if c.variant == _TL_TYPES[y.dtype]]
+    cfg = lookup(gaussian_pairwise_kernel, (_TL_TYPES[y.dtype],))[0]
     shift = _shift(mu.float()).contiguous()
     out = backend.new_output(y, (b, b))
     flags = torch.zeros((b, b), dtype=torch.int8, device=y.device)

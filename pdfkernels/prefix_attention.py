@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import backend
-from . import prefix_attention_configs as configs
+from . import autotune, backend
+from . import prefix_attention_tiles as tiles
+from . import prefix_attention_tma as tma_policy
 from . import prefix_attention_torch as torch_path
 from .autocast import follows_autocast
 from .prefix_attention_kernels import (
@@ -57,35 +58,62 @@ class _Layout:
         return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
 
 
-def _tune_key(q, layout: _Layout, max_len: int, group: int, num_prefix: int, causal: bool, tma: bool) -> tuple:
-    """What can change the fastest configuration of a launch: flags and a shape bucket."""
-    work = layout.num_seqs * (q.shape[-2] if layout.varlen else q.shape[1]) // group  # (sequence, KV head) pairs
-    return (q.dtype, q.shape[-1], group, causal, layout.varlen, layout.mask is not None, tma,
-            triton.next_power_of_2(max_len), triton.next_power_of_2(work), num_prefix > 0)
+class _Call:
+    """What the launches of one forward or backward share, and the one way each kernel is launched."""
+
+    def __init__(self, q, layout: _Layout, max_len: int, group: int, num_prefix: int, causal: bool):
+        self.q, self.layout, self.max_len, self.group, self.num_prefix, self.causal = (
+            q, layout, max_len, group, num_prefix, causal)
+        self.arch = tma_policy.arch_of(q.device)
+
+    def options(self, kernel, streamed: tuple) -> tuple[bool, tuple]:
+        """Whether ``kernel`` takes tensor descriptors for ``streamed`` here, and its candidate configurations."""
+        tma = tma_policy.use_tma(self.q.device, self.q.dtype, self.layout.varlen, streamed)
+        return tma, tiles.candidates(kernel, self.q.dtype, self.q.shape[-1], self.arch, tma)
+
+    def tune_key(self, tma: bool) -> tuple:
+        """What can change the fastest configuration of a launch: flags and a shape bucket."""
+        q, layout = self.q, self.layout
+        work = layout.num_seqs * (q.shape[-2] if layout.varlen else q.shape[1]) // self.group  # (seq, KV head)
+        return (q.dtype, q.shape[-1], self.group, self.causal, layout.varlen, layout.mask is not None, tma,
+                triton.next_power_of_2(self.max_len), triton.next_power_of_2(work), self.num_prefix > 0)
+
+    def specialise(self, cfg) -> dict:
+        return tiles.specialise(cfg, self.q.shape[-1], self.causal, self.layout.varlen, self.layout.mask is not None)
+
+    def launch(self, kernel, streamed: tuple, grid, args, options: tuple | None = None) -> dict:
+        """Launch ``kernel`` with the fastest of its candidates (timed on first use on GPUs, the default
+        elsewhere): ``grid(params)`` gives the grid, ``args(params, descriptors)`` the positional arguments, the
+        ``*_desc`` ones last (``streamed`` described, or the tensors themselves without TMA)."""
+        tma, configs = options or self.options(kernel, streamed)
+
+        def run(cfg) -> dict:
+            params = self.specialise(cfg)
+            kernel[grid(params)](*args(params, tma_policy.descriptors(kernel, params, streamed)), **params)
+            return params
+
+        chosen = autotune.pick(kernel.fn.__name__, self.tune_key(tma), configs, run, self.q.device)
+        return run(chosen)  # the last timed run may have been another candidate
 
 
 def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: bool, scale: float):
     heads, hkv = q.shape[-2] if layout.varlen else q.shape[1], pk.shape[1]
-    head_dim, num_prefix = q.shape[-1], pk.shape[2]
+    num_prefix = pk.shape[2]
     out = backend.new_output(q)
     lse = torch.empty(layout.lse_shape, dtype=torch.float32, device=q.device)
     group = heads // hkv
     mask = layout.mask if layout.mask is not None else path_ids
-    kernel = prefix_attention_fwd_kernel
-    # an empty prefix is never read: k and v stand in for its descriptors
-    streamed = (k, v, pk, pv) if num_prefix else (k, v, k, v)
-    tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
+    call = _Call(q, layout, max_len, group, num_prefix, causal)
 
-    def args(p: dict) -> tuple:
-        return (q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, *configs.descriptors(kernel, p, streamed),
+    def args(p: dict, descs: tuple) -> tuple:
+        return (q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, *descs,
                 max_len, group, num_prefix, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
                 pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(out), *layout.lse_strides(lse),
                 layout.mask.stride(0) if layout.mask is not None else 0)
 
-    configs.launch(kernel, configs.candidates(kernel, q.dtype, head_dim, configs.arch_of(q.device), tma),
-                   _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device, head_dim, causal,
-                   layout.varlen, layout.mask is not None,
-                   lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), args)
+    # an empty prefix is never read: k and v stand in for its descriptors
+    call.launch(prefix_attention_fwd_kernel, (k, v, pk, pv) if num_prefix else (k, v, k, v),
+                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), args)
     return out, lse
 
 
@@ -102,48 +130,33 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     dq, dk, dv = backend.new_output(q), backend.new_output(k), backend.new_output(v)
     mask = layout.mask if layout.mask is not None else path_ids
     mask_stride = layout.mask.stride(0) if layout.mask is not None else 0
-    has_mask = layout.mask is not None
+    call = _Call(q, layout, max_len, group, num_prefix, causal)
 
-    arch = configs.arch_of(q.device)
-    kernel = prefix_attention_bwd_dkdv_kernel
-    streamed = (q, do)
-    tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
-
-    def dkdv_args(p: dict) -> tuple:
-        return (q, k, v, do, lse, delta, layout.cu, mask, dk, dv, *configs.descriptors(kernel, p, streamed),
+    def dkdv_args(p: dict, descs: tuple) -> tuple:
+        return (q, k, v, do, lse, delta, layout.cu, mask, dk, dv, *descs,
                 max_len, group, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
                 *layout.q_strides(do), *layout.q_strides(dk), *layout.q_strides(dv), *layout.lse_strides(lse),
                 mask_stride)
 
-    configs.launch(kernel, configs.candidates(kernel, q.dtype, head_dim, arch, tma),
-                   _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device, head_dim, causal,
-                   layout.varlen, has_mask, lambda p: (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv),
-                   dkdv_args)
+    call.launch(prefix_attention_bwd_dkdv_kernel, (q, do),
+                lambda p: (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv), dkdv_args)
 
-    kernel = prefix_attention_bwd_dq_kernel
-    streamed = (k, v, pk, pv) if num_prefix else (k, v, k, v)  # see the forward
-    tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
-
-    def dq_args(p: dict) -> tuple:
+    def dq_args(p: dict, descs: tuple) -> tuple:
         return (q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq,
-                *configs.descriptors(kernel, p, streamed), max_len, group, num_prefix, scale,
+                *descs, max_len, group, num_prefix, scale,
                 *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1),
                 pk.stride(2), *layout.q_strides(do), *layout.q_strides(dq), *layout.lse_strides(lse), mask_stride)
 
-    configs.launch(kernel, configs.candidates(kernel, q.dtype, head_dim, arch, tma),
-                   _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device, head_dim, causal,
-                   layout.varlen, has_mask,
-                   lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), dq_args)
+    call.launch(prefix_attention_bwd_dq_kernel, (k, v, pk, pv) if num_prefix else (k, v, k, v),  # see the forward
+                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), dq_args)
     if num_prefix == 0:
         return dq, dk, dv, torch.zeros_like(pk), torch.zeros_like(pv)
 
     # dprefix: one fp32 partial per (sequence, KV head, chunk of query rows), summed per sequence in chunk
     # order, then per path with a masked sum (not a matmul, so that no TF32 setting can round it): deterministic
-    kernel = prefix_attention_bwd_dprefix_kernel
-    streamed = (q, do)
-    tma = configs.use_tma(q.device, q.dtype, layout.varlen, streamed)
-    options = configs.candidates(kernel, q.dtype, head_dim, arch, tma)
-    p = configs.specialise(options[0], head_dim, causal, layout.varlen, has_mask)  # every option has its tiles
+    kernel, streamed = prefix_attention_bwd_dprefix_kernel, (q, do)
+    options = call.options(kernel, streamed)
+    p = call.specialise(options[1][0])  # every option has its tiles
     chunk = triton.cdiv(triton.cdiv(DPREFIX_CHUNK_ROWS, group), p["BLOCK_M"]) * p["BLOCK_M"]  # tokens
     chunks = triton.cdiv(max_len, chunk)
     key_blocks = triton.cdiv(num_prefix, p["BLOCK_N"])
@@ -151,15 +164,13 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     dpk_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
     dpv_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
 
-    def dprefix_args(p: dict) -> tuple:
+    def dprefix_args(p: dict, descs: tuple) -> tuple:
         return (q, pk, pv, path_ids, do, lse, delta, layout.cu, dpk_part, dpv_part,
-                *configs.descriptors(kernel, p, streamed), max_len, group, num_prefix, chunk, scale,
+                *descs, max_len, group, num_prefix, chunk, scale,
                 *layout.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(do),
                 *layout.lse_strides(lse))
 
-    configs.launch(kernel, options, _tune_key(q, layout, max_len, group, num_prefix, causal, tma), q.device,
-                   head_dim, causal, layout.varlen, has_mask,
-                   lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args)
+    call.launch(kernel, streamed, lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args, options)
     # a select, not a product with a one-hot: 0 * NaN is NaN, and one path's NaN must not reach another path;
     # a comparison, not one_hot, which reads the ids on the host (a sync, no CUDA-graph capture)
     of_path = (torch.arange(num_paths, device=path_ids.device)[:, None] == path_ids[None, :])[:, :, None]  # [N, S, 1]

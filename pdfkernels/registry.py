@@ -1,7 +1,8 @@
 """The one list of shipped kernel configurations.
 
-Launchers pick their launch parameters from here, and ``python -m pdfkernels.aot`` compiles every entry
-for sm_80 and sm_90, so a configuration cannot ship without being compiled and inspected.
+Each op module registers its own configurations on import (this module imports none of them); launchers find
+theirs with ``lookup(kernel, key)``, and ``python -m pdfkernels.aot`` compiles every entry for sm_80 and sm_90,
+so a configuration cannot ship without being compiled and inspected.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ class KernelConfig:
         return f"{self.kernel.fn.__name__}[{self.variant}{arch}]"
 
 
-KERNEL_CONFIGS: list[KernelConfig] = []
+KERNEL_CONFIGS: list[KernelConfig] = []  # every op module appends its own on import
+_BY_KEY: dict[tuple[Any, tuple], list[KernelConfig]] = {}
 
 
 def register(config: KernelConfig) -> KernelConfig:
     KERNEL_CONFIGS.append(config)
+    _BY_KEY.setdefault((config.kernel, config.key), []).append(config)
     return config
 
 
@@ -50,8 +53,10 @@ def configs_for(kernel: Any) -> list[KernelConfig]:
     return [c for c in KERNEL_CONFIGS if c.kernel is kernel]
 
 
-def load_all() -> list[KernelConfig]:
-    """Import every module that registers kernels, then return the full list."""
-    from . import gaussian_mim, gaussian_pairwise  # noqa: F401  (register on import)
-
-    return list(KERNEL_CONFIGS)
+def lookup(kernel: Any, key: tuple) -> tuple[KernelConfig, ...]:
+    """The configurations of ``kernel`` registered under ``key``, the default (first registered) first: how every
+    launcher finds its launch parameters."""
+    found = _BY_KEY.get((kernel, key))
+    if not found:
+        raise LookupError(f"no registered configuration of {kernel.fn.__name__} for key {key}")
+    return tuple(found)

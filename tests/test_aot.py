@@ -18,12 +18,12 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_registered_configs_compile_without_spills():
-    from pdfkernels.registry import load_all
+    from pdfkernels.aot import all_configs
 
     result = _run(["-m", "pdfkernels.aot", "--arch", "80", "90"])
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| sm_" in line]
-    assert len(rows) == sum(1 if c.arch else 2 for c in load_all())
+    assert len(rows) == sum(1 if c.arch else 2 for c in all_configs())
     assert all(row.rstrip().endswith("| ok |") for row in rows)
 
 
@@ -51,13 +51,13 @@ def test_spills_and_failed_compiles_are_reported():
 
 
 def test_profile_of_shipped_sm90_code_is_within_budget():
-    from pdfkernels.registry import load_all
+    from pdfkernels.aot import all_configs
 
     result = _run(["-m", "pdfkernels.aot", "--profile", "--only", "bf16 D=128"])
     assert result.returncode == 0, result.stdout + result.stderr
     loops = {(row.split("|")[1].strip(), row.split("|")[2].strip()): row for row in result.stdout.splitlines()
              if row.startswith("| ") and "issue clk" not in row and row.count("|") == 19}
-    budgeted = [(c.name, name) for c in load_all() if c.arch == 90 and "bf16 D=128" in c.name
+    budgeted = [(c.name, name) for c in all_configs() if c.arch == 90 and "bf16 D=128" in c.name
                 for name in c.budgets]
     assert budgeted, "the shipped sm_90 head_dim-128 configs record loop budgets"
     for key in budgeted:

@@ -87,13 +87,13 @@ def test_descriptor_kernels_on_hopper(tune, monkeypatch, kernel_device):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors need sm_90")
     from pdfkernels import autotune
-    from pdfkernels import prefix_attention_configs as configs
+    from pdfkernels import prefix_attention_tma as tma_policy
 
     monkeypatch.setenv(autotune.ENV_VAR, tune)
-    monkeypatch.setenv(configs.TMA_VAR, "auto")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
     seen = []
-    real = configs.descriptors
-    monkeypatch.setattr(configs, "descriptors",
+    real = tma_policy.descriptors
+    monkeypatch.setattr(tma_policy, "descriptors",
                         lambda kernel, p, t: seen.append((kernel.fn.__name__, p["TMA"])) or real(kernel, p, t))
     autotune.clear()
     dtype, b, length, heads, kv_heads, d, n, k = torch.bfloat16, 2, 2048, 12, 2, 128, 2, 20

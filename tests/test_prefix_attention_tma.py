@@ -10,7 +10,8 @@ import torch
 
 import pdfkernels
 from pdfkernels import autotune, backend, reference
-from pdfkernels import prefix_attention_configs as configs
+from pdfkernels import prefix_attention_tiles as tiles
+from pdfkernels import prefix_attention_tma as tma_policy
 from pdfkernels.layout import cu_seqlens_from_lengths
 from pdfkernels.registry import configs_for
 from tests.test_prefix_attention import _check_grads, _hf_layout, check_padded_case
@@ -26,25 +27,25 @@ def triton_backend(monkeypatch, kernel_device):
 def launches(monkeypatch):
     """(kernel name, whether it got descriptors) for every kernel launch, spied on the descriptor step."""
     seen = []
-    real = configs.descriptors
+    real = tma_policy.descriptors
 
     def spy(kernel, params, tensors):
         seen.append((kernel.fn.__name__, params["TMA"]))
         return real(kernel, params, tensors)
 
-    monkeypatch.setattr(configs, "descriptors", spy)
+    monkeypatch.setattr(tma_policy, "descriptors", spy)
     return seen
 
 
 @pytest.fixture
 def tma_first(monkeypatch):
     """Every kernel that ships a descriptor variant (with this Triton) launches it, whichever is the default."""
-    real = configs.candidates
+    real = tiles.candidates
 
     def ordered(*args):
         return sorted(real(*args), key=lambda c: not c.constexprs["TMA"])
 
-    monkeypatch.setattr(configs, "candidates", ordered)
+    monkeypatch.setattr(tiles, "candidates", ordered)
 
 
 def _expected(k: int) -> list[tuple[str, bool]]:
@@ -74,14 +75,14 @@ TMA_PADDED = [
                               f"-{str(c[9])[6:]}" for c in TMA_PADDED])
 def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype, monkeypatch,
                                      launches, tma_first):
-    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
     check_padded_case(b, heads, kv_heads, length, d, n, k, padding, causal, dtype)
     assert launches == _expected(k)
 
 
 def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, launches):
     """Expanded keys (stride 0) and a query whose base is not 16-byte aligned: pointer kernels, same answer."""
-    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
     b, heads, kv_heads, length, d, n, k, dtype = 2, 4, 2, 40, 64, 2, 20, torch.bfloat16
     flat = torch.randn(b * length * heads * d + 1).to(dtype)
     q = flat[1:].view(b, length, heads, d).transpose(1, 2)  # 2 bytes past an aligned base
@@ -100,7 +101,7 @@ def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, lau
 
 
 def test_packed_sequences_and_fp32_never_get_descriptors(monkeypatch, launches):
-    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
     lengths, heads, kv_heads, d = [5, 19], 4, 2, 64
     cu = cu_seqlens_from_lengths(lengths)
     for dtype in (torch.bfloat16, torch.float32):
@@ -116,30 +117,30 @@ def test_packed_sequences_and_fp32_never_get_descriptors(monkeypatch, launches):
 def test_auto_mode_keeps_descriptors_to_gpus_and_off_switches_them_off(monkeypatch):
     t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
     cpu = torch.device("cpu")
-    monkeypatch.setenv(configs.TMA_VAR, "auto")
-    assert not configs.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(configs.TMA_VAR, "1")
-    assert configs.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(configs.TMA_VAR, "0")
-    assert not configs.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(configs.TMA_VAR, "yes")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
+    assert not tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    assert tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(tma_policy.TMA_VAR, "0")
+    assert not tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
+    monkeypatch.setenv(tma_policy.TMA_VAR, "yes")
     with pytest.raises(ValueError, match="PDFKERNELS_TMA expected one of"):
-        configs.use_tma(cpu, torch.bfloat16, False, (t,))
+        tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
 
 
 def test_forcing_descriptors_on_a_gpu_without_tma_is_refused(monkeypatch):
     """``PDFKERNELS_TMA=1`` on an sm_80 GPU (compiled, not interpreted) raises, for every dtype, rather than
     quietly taking the pointer kernels; ``auto`` there takes them."""
-    monkeypatch.setattr(configs, "arch_of", lambda device: 80)
+    monkeypatch.setattr(tma_policy, "arch_of", lambda device: 80)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call by backend.interpreting()
     t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
     gpu = torch.device("cuda")
-    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
     for dtype in (torch.bfloat16, torch.float32):
         with pytest.raises(RuntimeError, match="PDFKERNELS_TMA=1 .* need sm_90"):
-            configs.use_tma(gpu, dtype, False, (t,))
-    monkeypatch.setenv(configs.TMA_VAR, "auto")
-    assert not configs.use_tma(gpu, torch.bfloat16, False, (t,))
+            tma_policy.use_tma(gpu, dtype, False, (t,))
+    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
+    assert not tma_policy.use_tma(gpu, torch.bfloat16, False, (t,))
 
 
 def test_descriptor_boxes_follow_the_launched_tiles():
@@ -147,20 +148,20 @@ def test_descriptor_boxes_follow_the_launched_tiles():
     stride (16 bytes) whatever torch reports for it."""
     k = torch.randn(1, 7, 2, 80).to(torch.bfloat16).transpose(1, 2)  # [1, 2, 7, 80]
     params = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128, "TMA": True}
-    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, (k,))
+    (desc,) = tma_policy.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel, params, (k,))
     assert desc.block_shape == [1, 1, 32, 128] and list(desc.shape) == [1, 2, 7, 80]
     assert desc.strides == [8, 80, 160, 1]
-    (desc,) = configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dkdv_kernel, params,
+    (desc,) = tma_policy.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_bwd_dkdv_kernel, params,
                                   (k,))
     assert desc.block_shape == [1, 1, 64, 128]
-    assert configs.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel,
+    assert tma_policy.descriptors(pdfkernels.prefix_attention_kernels.prefix_attention_fwd_kernel,
                                dict(params, TMA=False), (k,)) == (k,)
 
 
 def test_gpus_time_every_variant_and_launch_the_fastest(monkeypatch, launches):
     """With autotuning on (faked here: the interpreter never tunes), each launch key times the descriptor
     and pointer variants once, launches the faster one afterwards, and the answer is right either way."""
-    monkeypatch.setenv(configs.TMA_VAR, "1")
+    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
     monkeypatch.setattr(autotune, "enabled", lambda device: True)
     timed = []
 

@@ -1,12 +1,6 @@
-"""Launch configurations of the prefix attention kernels: the tile table, the registered candidates (each
-compiled ahead of time by ``python -m pdfkernels.aot``), the choice among them at launch (timed once per
-shape on GPUs, ``pdfkernels.autotune``) and the tensor descriptors of the sm_90 TMA path.
-
-TMA (``PDFKERNELS_TMA``): ``auto`` (default) gives the sm_90 16-bit kernels of the padded layout tensor
-descriptors on Hopper-class GPUs whenever every tensor a kernel streams can be described (16-byte aligned
-base, positive strides that are multiples of 16 bytes, unit-stride head_dim); anything else takes the
-pointer-load kernels, which ship beside them. ``0``: pointer loads everywhere. ``1``: descriptors wherever the
-tensors allow, under Triton's interpreter too (tests); refused on a GPU without TMA.
+"""The tiles of the prefix attention kernels: the table per kernel, dtype, head_dim and architecture, its
+registration (each entry compiled ahead of time by ``python -m pdfkernels.aot``) and the candidates of one
+launch (timed once per shape on GPUs by ``pdfkernels.autotune``; the launch itself is in ``prefix_attention``).
 """
 
 from __future__ import annotations
@@ -14,19 +8,19 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-from collections.abc import Callable
 
 import torch
 import triton
 
-from . import autotune, backend, settings
+from . import backend, registry
 from .prefix_attention_kernels import (
     prefix_attention_bwd_dkdv_kernel,
     prefix_attention_bwd_dprefix_kernel,
     prefix_attention_bwd_dq_kernel,
     prefix_attention_fwd_kernel,
 )
-from .registry import KernelConfig, configs_for, register
+from .prefix_attention_tma import DESC_ROWS, tma_arch
+from .registry import KernelConfig, register
 
 _TL_TYPES = backend.TRITON_TYPES
 HEAD_DIMS = (64, 80, 96, 128)
@@ -37,7 +31,6 @@ _TRITON_LINE = tuple(int(p) for p in triton.__version__.split(".")[:2])
 # pipeline stages of the sm_90 16-bit dK/dV and head_dim-128 dprefix pointer kernels: the most that each
 # Triton line compiles without spills (``python -m pdfkernels.aot`` fails on a spill)
 _SM90_BWD_STAGES = 1 if _TRITON_LINE < (3, 7) else 2
-TMA_VAR = settings.TMA.name
 
 
 def _tile(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> dict:
@@ -91,12 +84,6 @@ def _pointer_tile(kernel, dtype: torch.dtype, head_dim: int, arch: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4, num_stages=2)
 
 
-# which tile's rows each kernel's tensor descriptors deliver: key tiles (forward, dQ), query tiles (dK/dV,
-# dprefix)
-_DESC_ROWS = {prefix_attention_fwd_kernel: "BLOCK_N", prefix_attention_bwd_dq_kernel: "BLOCK_N",
-              prefix_attention_bwd_dkdv_kernel: "BLOCK_M", prefix_attention_bwd_dprefix_kernel: "BLOCK_M"}
-
-
 def _signature(kernel, t: str, tiles: dict, tma: bool) -> dict[str, str]:
     """Argument types; ``*_desc`` arguments are 4-D tensor descriptors with TMA, plain pointers without."""
     types = {}
@@ -106,7 +93,7 @@ def _signature(kernel, t: str, tiles: dict, tma: bool) -> dict[str, str]:
         if name in constexprs:
             types[name] = "constexpr"
         elif name.endswith("_desc"):
-            types[name] = f"tensordesc<{t}[1,1,{tiles[_DESC_ROWS[kernel]]},{tiles['BLOCK_D']}]>" if tma else f"*{t}"
+            types[name] = f"tensordesc<{t}[1,1,{tiles[DESC_ROWS[kernel]]},{tiles['BLOCK_D']}]>" if tma else f"*{t}"
         elif name == "path_ptr":
             types[name] = "*i64"
         elif name == "cu_ptr":
@@ -142,15 +129,10 @@ def _tile_options(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: boo
     """Every registered tile set of one variant, the default first; on GPUs the autotuner times them all.
     ``tag`` names an alternative in its config's variant."""
     tiles = _tile(kernel, dtype, head_dim, arch, tma)
-    if kernel is prefix_attention_bwd_dq_kernel and _tma_arch(dtype, arch) and head_dim == 128:
+    if kernel is prefix_attention_bwd_dq_kernel and tma_arch(dtype, arch) and head_dim == 128:
         # 32-key tiles: fewer registers than 64 (aot prints both), more programs' worth of overlap
         return [tiles, dict(tiles, BLOCK_N=32, budgets={"dq": 20.0, "dq-prefix": 20.0}, tag="n32")]
     return [tiles]
-
-
-def _tma_arch(dtype: torch.dtype, arch: int) -> bool:
-    """Where tiles may come through tensor descriptors: 16-bit inputs on sm_90 tiles."""
-    return arch >= 90 and dtype != torch.float32
 
 
 def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
@@ -159,7 +141,7 @@ def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
     On a GPU the autotuner times every variant a call's tensors allow. The figures behind this choice are
     in the README's ahead-of-time section; under Triton before 3.7 the TMA dK/dV is over its budget and not
     shipped."""
-    if not _tma_arch(dtype, arch):
+    if not tma_arch(dtype, arch):
         return (False,)
     old_triton = _TRITON_LINE < (3, 7)
     if kernel is prefix_attention_bwd_dkdv_kernel and old_triton:
@@ -204,49 +186,6 @@ def _register_configs() -> None:
 _register_configs()
 
 
-def arch_of(device: torch.device) -> int:
-    """Which tuned tiles a device gets: sm_90 tiles for Hopper and newer (and under the interpreter)."""
-    if device.type != "cuda":
-        return 90
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
-
-
-def _describable(t: torch.Tensor) -> bool:
-    """What a TMA descriptor can address: 16-byte aligned base, unit-stride last dim, and every other dim
-    of size > 1 with a positive stride that is a multiple of 16 bytes (expanded or odd slices: no)."""
-    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
-        return False
-    return all(s > 0 and s * t.element_size() % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
-
-
-def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tuple[torch.Tensor, ...]) -> bool:
-    """Whether a kernel gets tensor descriptors for ``tensors`` (the ones it streams), see the module doc."""
-    mode = settings.get(settings.TMA)
-    compiled_gpu = device.type == "cuda" and not backend.interpreting()
-    arch = arch_of(device)
-    if mode == "1" and compiled_gpu and arch < 90:
-        raise RuntimeError(f"{TMA_VAR}=1 asks for tensor descriptors (TMA), which need sm_90 or newer; "
-                           f"this GPU ({device}) takes the sm_80 kernels")
-    if mode == "0" or (mode == "auto" and not compiled_gpu) or varlen or not _tma_arch(dtype, arch):
-        return False
-    return all(_describable(t) for t in tensors)
-
-
-def descriptors(kernel, params: dict, tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """The ``*_desc`` arguments of a launch: 4-D ``[sequences, heads, tokens, head_dim]`` descriptors whose
-    box is one tile (rows: the kernel's streamed tile, columns: BLOCK_D, zero-filled past head_dim), or the
-    tensors themselves when the kernel takes pointers (the arguments are then unused)."""
-    if not params["TMA"]:
-        return tensors
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    block = [1, 1, params[_DESC_ROWS[kernel]], params["BLOCK_D"]]
-    unit = 16 // tensors[0].element_size()  # a dim of size 1 is never stepped: any valid stride will do
-    return tuple(TensorDescriptor(t, list(t.shape), [s if n > 1 else unit for s, n in zip(t.stride(), t.shape)],
-                                  block) for t in tensors)
-
-
 def _shipped(head_dim: int) -> int:
     shipped = min((d for d in HEAD_DIMS if d >= head_dim), default=None)
     if shipped is None:
@@ -258,8 +197,8 @@ def _shipped(head_dim: int) -> int:
 def candidates(kernel, dtype: torch.dtype, head_dim: int, arch: int, tma: bool) -> tuple[KernelConfig, ...]:
     """The registered configurations for a launch (nearest registered head_dim at or above), default first;
     ``tma``: whether the call's tensors may take the descriptor variants."""
-    key = _key(dtype, _shipped(head_dim), arch)
-    return tuple(c for c in configs_for(kernel) if c.key == key and (tma or not c.constexprs["TMA"]))
+    configs = registry.lookup(kernel, _key(dtype, _shipped(head_dim), arch))
+    return tuple(c for c in configs if tma or not c.constexprs["TMA"])
 
 
 def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has_mask: bool) -> dict:
@@ -268,18 +207,3 @@ def specialise(cfg: KernelConfig, head_dim: int, causal: bool, varlen: bool, has
         cfg.constexprs, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), CAUSAL=causal,
         VARLEN=varlen, HAS_MASK=has_mask, UPCAST=backend.interpreting())),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def launch(kernel, configs: tuple[KernelConfig, ...], tune_key: tuple, device: torch.device, head_dim: int,
-           causal: bool, varlen: bool, has_mask: bool, grid: Callable[[dict], tuple],
-           args: Callable[[dict], tuple]) -> dict:
-    """Launch ``kernel`` with the fastest of ``configs`` for ``tune_key`` (timed on first use on GPUs, the
-    default elsewhere): ``grid(params)`` and ``args(params)`` give the grid and positional arguments for a
-    configuration's parameters. Returns the parameters launched."""
-    def run(cfg: KernelConfig) -> dict:
-        params = specialise(cfg, head_dim, causal, varlen, has_mask)
-        kernel[grid(params)](*args(params), **params)
-        return params
-
-    chosen = autotune.pick(kernel.fn.__name__, tune_key, configs, run, device)
-    return run(chosen)  # the last timed run may have been another candidate
