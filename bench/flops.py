@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pdfkernels.models.layout import decoder_stack, hf_model, inner_model
+from pdfkernels.models.anatomy import decoder_stack, hf_model, inner_model
 
 COUNTED_OPS = ("mm", "addmm", "convolution")  # Linear and Conv layers; attention kernels are other ops
 BACKWARD_FACTOR = 2.5  # FlashAttention's convention: the backward's five products against the forward's two

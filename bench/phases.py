@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from pdfkernels.models.layout import decoder_stack, hf_model, inner_model
+from pdfkernels.models.anatomy import decoder_stack, hf_model, inner_model
 
 
 class PhaseTimer:

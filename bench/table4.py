@@ -30,7 +30,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForCondition
 
 from pdfkernels import models
 from pdfkernels.bench.flops import linear_conv_flops
-from pdfkernels.models.configs import has_qwen3vl, qwen2_5vl_3b, qwen2_5vl_7b, qwen2vl_2b, qwen3vl_2b
+from pdfkernels.models.presets import has_qwen3vl, qwen2_5vl_3b, qwen2_5vl_7b, qwen2vl_2b, qwen3vl_2b
 from pdfkernels.train.config import VLM2VEC_TARGETS
 
 PAPER = {"vlm2vec_params_b": 2.214, "vlm2vec_share": 0.211, "pdf_params_b": 2.219, "pdf_share": 0.449,

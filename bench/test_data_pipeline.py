@@ -20,7 +20,7 @@ import torch
 
 from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, sync
 from pdfkernels.bench.mmeb_like import image_pairs
-from pdfkernels.models.configs import qwen2vl_2b, tiny_qwen2vl
+from pdfkernels.models.presets import qwen2vl_2b, tiny_qwen2vl
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader, Qwen2VLCollator, TrainSampler
 from pdfkernels.train.loader import StepShares, TrainBatches

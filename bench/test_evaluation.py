@@ -1,5 +1,5 @@
 """Evaluation at MMEB scale: distinct queries and candidates encoded once (train.evaluate) against the
-original loop that re-embeds each query's candidate list (bench/eval_reference.py), on a generated
+original loop that re-embeds each query's candidate list (bench/eval_per_query.py), on a generated
 retrieval set of queries against one shared candidate pool.
 
     pytest bench/test_evaluation.py --benchmark-only
@@ -16,7 +16,7 @@ import pytest
 
 from pdfkernels import models
 from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, sync
-from pdfkernels.bench.eval_reference import precision_at_1
+from pdfkernels.bench.eval_per_query import precision_at_1
 from pdfkernels.bench.mmeb_like import retrieval_rows
 from pdfkernels.train import synthetic
 from pdfkernels.train.config import TrainConfig

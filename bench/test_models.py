@@ -21,7 +21,7 @@ from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version
 from pdfkernels.bench.flops import count_flops
 from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.schema import timed_info
-from pdfkernels.models.configs import llava_next_7b, qwen2vl_2b, small_qwen2vl
+from pdfkernels.models.presets import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TEXT_TOKENS = 10

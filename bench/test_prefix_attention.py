@@ -34,7 +34,7 @@ from pdfkernels.baselines import (
 from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, library_version
 from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.schema import timed_info
-from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.packing import cu_seqlens_from_lengths
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 HEAD_DIM, PREFIX, PATHS = 128, 20, 2

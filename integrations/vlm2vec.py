@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from pdfkernels import models
+from pdfkernels.models.anatomy import hf_model
 from pdfkernels.models.contrastive import gather, pdf_contrastive, world
-from pdfkernels.models.layout import hf_model
 
 PDF_FILE = "pdf.safetensors"
 ESTIMATOR_OPTIMIZER_FILE = "pdf_estimator_optimizer.pt"

@@ -17,7 +17,7 @@ reentrant checkpointing replays a layer on detached copies of its tensor argumen
 that mechanism is eager only (Dynamo cannot trace an attribute on a storage).
 
 What differs between families is only how q, k and v are computed (``_project``, chosen by the stack's
-``layout.TextLayout``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
+``anatomy.AttentionForm``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 
 from pdfkernels.prefix_attention import prefix_attention_known_paths
 
-from .layout import TextLayout, text_layout
+from .anatomy import AttentionForm, attention_form
 from .masks import key_padding_mask
 
 PATHS_ATTR = "_pdf_paths"  # Phi-3-V: on the storage of the position ids a forward hands its layers
@@ -54,7 +54,7 @@ class Binding:
     signature: inspect.Signature  # the original forward's, to read arguments passed by position or keyword
     outputs: int  # values the decoder layer unpacks: 3 for older per-class attention (with a cache), else 2
     mrope_section: list[int] | None  # Qwen2-VL before 4.53 hands the attention unmerged [3, B, L, D] rotary
-    layout: TextLayout = field(default_factory=TextLayout)
+    form: AttentionForm = field(default_factory=AttentionForm)
     calls: int = field(default=0)
 
 
@@ -104,10 +104,10 @@ def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
     return bound
 
 
-def _paths_of(call: dict, layout: TextLayout) -> tuple[torch.Tensor, bool]:
+def _paths_of(call: dict, form: AttentionForm) -> tuple[torch.Tensor, bool]:
     """The path ids of the forward this call belongs to and whether it uses the prefix, from what the stack
     handed every layer."""
-    if layout.own_rotary:
+    if form.own_rotary:
         positions = call.get("position_ids")
         paths = None if positions is None else getattr(positions.untyped_storage(), PATHS_ATTR, None)
         if paths is None:
@@ -126,17 +126,17 @@ def _paths_of(call: dict, layout: TextLayout) -> tuple[torch.Tensor, bool]:
 def _project(self: nn.Module, binding: Binding, hidden: torch.Tensor, call: dict):
     """Rotated queries and keys, and values, ``[B, heads, L, D]``, computed as this family's attention does."""
     batch, length, _ = hidden.shape
-    head_dim, layout = self.head_dim, binding.layout
-    if layout.fused_qkv:  # Phi-3-V: [q | k | v] from one projection
+    head_dim, form = self.head_dim, binding.form
+    if form.fused_qkv:  # Phi-3-V: [q | k | v] from one projection
         q_width, kv_width = self.num_heads * head_dim, self.num_key_value_heads * head_dim
         query, key, value = self.qkv_proj(hidden).split([q_width, kv_width, kv_width], dim=-1)
     else:
         query, key, value = self.q_proj(hidden), self.k_proj(hidden), self.v_proj(hidden)
     query, key, value = (t.view(batch, length, -1, head_dim) for t in (query, key, value))
-    if layout.qk_norm:  # Qwen3-VL: RMSNorm over each head's channels, before the rotary
+    if form.qk_norm:  # Qwen3-VL: RMSNorm over each head's channels, before the rotary
         query, key = self.q_norm(query), self.k_norm(key)
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
-    if layout.own_rotary:  # the module's own rotary embedding, from the position ids, as its forward calls it
+    if form.own_rotary:  # the module's own rotary embedding, from the position ids, as its forward calls it
         cos, sin = self.rotary_emb(value, call["position_ids"], seq_len=length)
     else:
         cos, sin = call["position_embeddings"][:2]
@@ -149,7 +149,7 @@ def pdf_forward(self: nn.Module, *args, **kwargs):
     binding: Binding = self._pdf
     call = _arguments(binding.signature, args, kwargs)
     hidden = call[next(iter(binding.signature.parameters))]  # the first parameter in every version
-    path_ids, with_prefix = _paths_of(call, binding.layout)
+    path_ids, with_prefix = _paths_of(call, binding.form)
     if getattr(self, "attention_dropout", 0.0) and self.training:
         raise NotImplementedError("pdf attention: attention dropout is not supported (the model has "
                                   f"attention_dropout={self.attention_dropout}); set it to 0")
@@ -258,10 +258,10 @@ def _mrope_section(attn: nn.Module, config) -> list[int] | None:
 
 def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState) -> list[Binding]:
     """Give each attention module the PDF forward and hook the stack; returns the bindings (their call counts)."""
-    layout = text_layout(stack)
+    form = attention_form(stack)
     stack._pdf_state = state
     repeat = stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True)
-    if layout.own_rotary:  # registered after the repetition: it tags the repeated inputs' positions
+    if form.own_rotary:  # registered after the repetition: it tags the repeated inputs' positions
         stack._pdf_hooks = (repeat, stack.register_forward_pre_hook(_tag_position_ids, with_kwargs=True))
     else:
         stack.rotary_emb._pdf_state = state
@@ -270,7 +270,7 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
     for index, attn in enumerate(attentions):
         signature = inspect.signature(attn.forward)
         outputs = 3 if "output_attentions" in signature.parameters else 2  # a guess: prove_live settles it
-        attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config), layout)
+        attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config), form)
         attn.forward = types.MethodType(pdf_forward, attn)
         bindings.append(attn._pdf)
     return bindings
@@ -293,7 +293,7 @@ def _dry_forward(stack: nn.Module) -> None:
     # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
     mask = embed.new_ones(1, 2, dtype=torch.long)
     with torch.no_grad():
-        if text_layout(stack).embeds_images:  # Phi-3-V's stack embeds input_ids itself; one text-only row
+        if attention_form(stack).embeds_images:  # Phi-3-V's stack embeds input_ids itself; one text-only row
             stack(input_ids=mask.clone(), attention_mask=mask, image_sizes=[None], use_cache=False)
         else:
             stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]), attention_mask=mask, use_cache=False)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import attention
-from .layout import SUPPORTED, attention_modules, check_supported, geometry, hf_model, inner_model, text_config
+from .anatomy import SUPPORTED, attention_modules, check_supported, geometry, hf_model, inner_model, text_config
 from .mmeb import install_pooling, is_mmeb
 
 __all__ = ["SUPPORTED", "apply_pdf", "encode", "hf_model", "inner_model", "last_token", "mark_pdf_trainable",

@@ -11,12 +11,12 @@ autograd), so ``torch.compile`` traces them and CUDA graphs capture them (README
 benchmarks are ``pdfkernels.models``, ``pdfkernels.train`` and ``pdfkernels.bench``.
 """
 
-from . import _layout
+from . import _subpackages
 from .gaussian_mim import estimator_nll, mim_loss
 from .gaussian_pairwise import gaussian_loglik_pairwise
 from .prefix_attention import prefix_attention, prefix_attention_varlen
 
-_layout.install()  # pdfkernels.models / .train / .bench in a source checkout
+_subpackages.install()  # pdfkernels.models / .train / .bench in a source checkout
 
 __all__ = [
     "estimator_nll",

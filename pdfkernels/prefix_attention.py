@@ -3,7 +3,7 @@
 Semantics are those of ``pdfkernels.reference.prefix_attention``. On CUDA (or with
 ``PDFKERNELS_BACKEND=triton``) one launch covers every sequence of every path: a sequence's path id picks
 its prefix, read in place (no concatenation, no ``repeat_kv``, no padded copies); see
-``prefix_attention_kernels`` for the layout. The backward follows FlashAttention-2: recompute from the
+``prefix_attention_kernels`` for the strides. The backward follows FlashAttention-2: recompute from the
 saved log2-sum-exp2 with ``delta = rowsum(dO * O)``; dK/dV per key block (every query head of a GQA group
 in one program), dQ per query block, dprefix per chunk of query rows. ``dprefix_k``/``dprefix_v`` are
 **deterministic**: each chunk program accumulates in registers and writes one fp32 partial, and the
@@ -37,7 +37,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _Layout:
+class _Strides:
     """Strides and sizes of one call in the kernels' terms: sequence (batch) stride, token stride, head stride."""
 
     def __init__(self, q, k, cu_seqlens, mask, varlen: bool):
@@ -61,25 +61,25 @@ class _Layout:
 class _Call:
     """What the launches of one forward or backward share, and the one way each kernel is launched."""
 
-    def __init__(self, q, layout: _Layout, max_len: int, group: int, num_prefix: int, causal: bool):
-        self.q, self.layout, self.max_len, self.group, self.num_prefix, self.causal = (
-            q, layout, max_len, group, num_prefix, causal)
+    def __init__(self, q, strides: _Strides, max_len: int, group: int, num_prefix: int, causal: bool):
+        self.q, self.strides, self.max_len, self.group, self.num_prefix, self.causal = (
+            q, strides, max_len, group, num_prefix, causal)
         self.arch = tma_policy.arch_of(q.device)
 
     def options(self, kernel, streamed: tuple) -> tuple[bool, tuple]:
         """Whether ``kernel`` takes tensor descriptors for ``streamed`` here, and its candidate configurations."""
-        tma = tma_policy.use_tma(self.q.device, self.q.dtype, self.layout.varlen, streamed)
+        tma = tma_policy.use_tma(self.q.device, self.q.dtype, self.strides.varlen, streamed)
         return tma, tiles.candidates(kernel, self.q.dtype, self.q.shape[-1], self.arch, tma)
 
     def tune_key(self, tma: bool) -> tuple:
         """What can change the fastest configuration of a launch: flags and a shape bucket."""
-        q, layout = self.q, self.layout
-        work = layout.num_seqs * (q.shape[-2] if layout.varlen else q.shape[1]) // self.group  # (seq, KV head)
-        return (q.dtype, q.shape[-1], self.group, self.causal, layout.varlen, layout.mask is not None, tma,
+        q, strides = self.q, self.strides
+        work = strides.num_seqs * (q.shape[-2] if strides.varlen else q.shape[1]) // self.group  # (seq, KV head)
+        return (q.dtype, q.shape[-1], self.group, self.causal, strides.varlen, strides.mask is not None, tma,
                 triton.next_power_of_2(self.max_len), triton.next_power_of_2(work), self.num_prefix > 0)
 
     def specialise(self, cfg) -> dict:
-        return tiles.specialise(cfg, self.q.shape[-1], self.causal, self.layout.varlen, self.layout.mask is not None)
+        return tiles.specialise(cfg, self.q.shape[-1], self.causal, self.strides.varlen, self.strides.mask is not None)
 
     def launch(self, kernel, streamed: tuple, grid, args, options: tuple | None = None) -> dict:
         """Launch ``kernel`` with the fastest of its candidates (timed on first use on GPUs, the default
@@ -96,59 +96,59 @@ class _Call:
         return run(chosen)  # the last timed run may have been another candidate
 
 
-def _forward(q, k, v, pk, pv, path_ids, layout: _Layout, max_len: int, causal: bool, scale: float):
-    heads, hkv = q.shape[-2] if layout.varlen else q.shape[1], pk.shape[1]
+def _forward(q, k, v, pk, pv, path_ids, strides: _Strides, max_len: int, causal: bool, scale: float):
+    heads, hkv = q.shape[-2] if strides.varlen else q.shape[1], pk.shape[1]
     num_prefix = pk.shape[2]
     out = backend.new_output(q)
-    lse = torch.empty(layout.lse_shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(strides.lse_shape, dtype=torch.float32, device=q.device)
     group = heads // hkv
-    mask = layout.mask if layout.mask is not None else path_ids
-    call = _Call(q, layout, max_len, group, num_prefix, causal)
+    mask = strides.mask if strides.mask is not None else path_ids
+    call = _Call(q, strides, max_len, group, num_prefix, causal)
 
     def args(p: dict, descs: tuple) -> tuple:
-        return (q, k, v, pk, pv, path_ids, layout.cu, mask, out, lse, *descs,
-                max_len, group, num_prefix, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
-                pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(out), *layout.lse_strides(lse),
-                layout.mask.stride(0) if layout.mask is not None else 0)
+        return (q, k, v, pk, pv, path_ids, strides.cu, mask, out, lse, *descs,
+                max_len, group, num_prefix, scale, *strides.q_strides(q), *strides.q_strides(k), *strides.q_strides(v),
+                pk.stride(0), pk.stride(1), pk.stride(2), *strides.q_strides(out), *strides.lse_strides(lse),
+                strides.mask.stride(0) if strides.mask is not None else 0)
 
     # an empty prefix is never read: k and v stand in for its descriptors
     call.launch(prefix_attention_fwd_kernel, (k, v, pk, pv) if num_prefix else (k, v, k, v),
-                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), args)
+                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), strides.num_seqs, hkv), args)
     return out, lse
 
 
-def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len: int, causal: bool, scale: float,
+def _backward(do, q, k, v, pk, pv, path_ids, out, lse, strides: _Strides, max_len: int, causal: bool, scale: float,
               num_paths: int):
-    heads, hkv = q.shape[-2] if layout.varlen else q.shape[1], pk.shape[1]
+    heads, hkv = q.shape[-2] if strides.varlen else q.shape[1], pk.shape[1]
     head_dim, num_prefix = q.shape[-1], pk.shape[2]
     group = heads // hkv
     delta = (do.float() * out.float()).sum(-1)  # [T, H] or [B, H, L]
-    delta = delta if layout.varlen else delta.transpose(1, 2)
+    delta = delta if strides.varlen else delta.transpose(1, 2)
     delta = delta.contiguous()
     # fresh buffers: q's/k's/v's strides when those are dense, contiguous otherwise (expanded or sliced
     # inputs); the kernels are told each buffer's own strides
     dq, dk, dv = backend.new_output(q), backend.new_output(k), backend.new_output(v)
-    mask = layout.mask if layout.mask is not None else path_ids
-    mask_stride = layout.mask.stride(0) if layout.mask is not None else 0
-    call = _Call(q, layout, max_len, group, num_prefix, causal)
+    mask = strides.mask if strides.mask is not None else path_ids
+    mask_stride = strides.mask.stride(0) if strides.mask is not None else 0
+    call = _Call(q, strides, max_len, group, num_prefix, causal)
 
     def dkdv_args(p: dict, descs: tuple) -> tuple:
-        return (q, k, v, do, lse, delta, layout.cu, mask, dk, dv, *descs,
-                max_len, group, scale, *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v),
-                *layout.q_strides(do), *layout.q_strides(dk), *layout.q_strides(dv), *layout.lse_strides(lse),
+        return (q, k, v, do, lse, delta, strides.cu, mask, dk, dv, *descs,
+                max_len, group, scale, *strides.q_strides(q), *strides.q_strides(k), *strides.q_strides(v),
+                *strides.q_strides(do), *strides.q_strides(dk), *strides.q_strides(dv), *strides.lse_strides(lse),
                 mask_stride)
 
     call.launch(prefix_attention_bwd_dkdv_kernel, (q, do),
-                lambda p: (triton.cdiv(max_len, p["BLOCK_N"]), layout.num_seqs, hkv), dkdv_args)
+                lambda p: (triton.cdiv(max_len, p["BLOCK_N"]), strides.num_seqs, hkv), dkdv_args)
 
     def dq_args(p: dict, descs: tuple) -> tuple:
-        return (q, k, v, pk, pv, path_ids, do, lse, delta, layout.cu, mask, dq,
+        return (q, k, v, pk, pv, path_ids, do, lse, delta, strides.cu, mask, dq,
                 *descs, max_len, group, num_prefix, scale,
-                *layout.q_strides(q), *layout.q_strides(k), *layout.q_strides(v), pk.stride(0), pk.stride(1),
-                pk.stride(2), *layout.q_strides(do), *layout.q_strides(dq), *layout.lse_strides(lse), mask_stride)
+                *strides.q_strides(q), *strides.q_strides(k), *strides.q_strides(v), pk.stride(0), pk.stride(1),
+                pk.stride(2), *strides.q_strides(do), *strides.q_strides(dq), *strides.lse_strides(lse), mask_stride)
 
     call.launch(prefix_attention_bwd_dq_kernel, (k, v, pk, pv) if num_prefix else (k, v, k, v),  # see the forward
-                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), layout.num_seqs, hkv), dq_args)
+                lambda p: (triton.cdiv(max_len * group, p["BLOCK_M"]), strides.num_seqs, hkv), dq_args)
     if num_prefix == 0:
         return dq, dk, dv, torch.zeros_like(pk), torch.zeros_like(pv)
 
@@ -161,16 +161,16 @@ def _backward(do, q, k, v, pk, pv, path_ids, out, lse, layout: _Layout, max_len:
     chunks = triton.cdiv(max_len, chunk)
     key_blocks = triton.cdiv(num_prefix, p["BLOCK_N"])
     k_pad = key_blocks * p["BLOCK_N"]
-    dpk_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
-    dpv_part = backend.new_output(q, (layout.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
+    dpk_part = backend.new_output(q, (strides.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
+    dpv_part = backend.new_output(q, (strides.num_seqs, hkv, chunks, k_pad, p["BLOCK_D"]), torch.float32)
 
     def dprefix_args(p: dict, descs: tuple) -> tuple:
-        return (q, pk, pv, path_ids, do, lse, delta, layout.cu, dpk_part, dpv_part,
+        return (q, pk, pv, path_ids, do, lse, delta, strides.cu, dpk_part, dpv_part,
                 *descs, max_len, group, num_prefix, chunk, scale,
-                *layout.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *layout.q_strides(do),
-                *layout.lse_strides(lse))
+                *strides.q_strides(q), pk.stride(0), pk.stride(1), pk.stride(2), *strides.q_strides(do),
+                *strides.lse_strides(lse))
 
-    call.launch(kernel, streamed, lambda p: (chunks, layout.num_seqs, hkv * key_blocks), dprefix_args, options)
+    call.launch(kernel, streamed, lambda p: (chunks, strides.num_seqs, hkv * key_blocks), dprefix_args, options)
     # a select, not a product with a one-hot: 0 * NaN is NaN, and one path's NaN must not reach another path;
     # a comparison, not one_hot, which reads the ids on the host (a sync, no CUDA-graph capture)
     of_path = (torch.arange(num_paths, device=path_ids.device)[:, None] == path_ids[None, :])[:, :, None]  # [N, S, 1]
@@ -237,7 +237,7 @@ def _triton_forward(q, k, v, pk, pv, path_ids, cu_seqlens, mask, max_len: int, c
     pk, pv = pk.contiguous(), pv.contiguous()
     path_ids = path_ids.to(torch.int64).contiguous()
     mask = mask.contiguous().view(torch.uint8) if mask is not None else None
-    return _forward(q, k, v, pk, pv, path_ids, _Layout(q, k, cu_seqlens, mask, varlen), max_len, causal, scale)
+    return _forward(q, k, v, pk, pv, path_ids, _Strides(q, k, cu_seqlens, mask, varlen), max_len, causal, scale)
 
 
 def _triton_backward(do, q, k, v, pk, pv, path_ids, cu_seqlens, mask, out, lse, max_len: int, causal: bool,
@@ -246,7 +246,7 @@ def _triton_backward(do, q, k, v, pk, pv, path_ids, cu_seqlens, mask, out, lse, 
     pk, pv = pk.contiguous(), pv.contiguous()
     path_ids = path_ids.to(torch.int64).contiguous()
     mask = mask.contiguous().view(torch.uint8) if mask is not None else None
-    return _backward(do, q, k, v, pk, pv, path_ids, out, lse, _Layout(q, k, cu_seqlens, mask, varlen), max_len,
+    return _backward(do, q, k, v, pk, pv, path_ids, out, lse, _Strides(q, k, cu_seqlens, mask, varlen), max_len,
                      causal, scale, pk.shape[0])
 
 

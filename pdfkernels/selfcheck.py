@@ -19,7 +19,7 @@ import torch
 import pdfkernels
 from pdfkernels import reference, settings
 from pdfkernels.baselines import cat_sdpa_prefix_attention, club_broadcast_mim
-from pdfkernels.layout import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
+from pdfkernels.packing import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
 
 def _normal_loglik(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

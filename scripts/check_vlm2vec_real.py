@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pdfkernels import models  # noqa: E402
-from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava_next, tiny_qwen2_5vl, tiny_qwen2vl  # noqa: E402
-from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model  # noqa: E402
+from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model  # noqa: E402
+from pdfkernels.models.presets import IMAGE_TOKEN_ID, tiny_llava_next, tiny_qwen2_5vl, tiny_qwen2vl  # noqa: E402
 from tests.models.builders import build_inputs  # noqa: E402
-from tests.models.reference import float64_reference  # noqa: E402
+from tests.models.float64_oracle import float64_oracle  # noqa: E402
 
 FILES = {"qwen2_vl_config": "src/model/vlm_backbone/qwen2_vl/configuration_qwen2_vl.py",
          "qwen2_vl": "src/model/vlm_backbone/qwen2_vl/modeling_qwen2_vl.py",
@@ -221,7 +221,7 @@ def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | 
     reps = []
     for path in (0, 1):
         reference = copy.deepcopy(unpatched)
-        reference.encoder = float64_reference(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"],
+        reference.encoder = float64_oracle(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"],
                                               attention_modules(decoder_stack(hf))[0]._pdf.outputs)
         with torch.no_grad(), _default_dtype(torch.float64 if kind == "phi3_v" else torch.get_default_dtype()):
             double = _as_double(inputs)  # (Phi-3-V's 4-D mask is filled with finfo(float64).min in the default dtype)

@@ -36,7 +36,7 @@ import check_vlm2vec_real as real  # noqa: E402
 
 from pdfkernels import models  # noqa: E402
 from pdfkernels.integrations import vlm2vec as pdf  # noqa: E402
-from pdfkernels.models.layout import hf_model  # noqa: E402
+from pdfkernels.models.anatomy import hf_model  # noqa: E402
 
 
 def _module(name: str, path: Path, source: str | None = None):
@@ -111,7 +111,7 @@ def main() -> int:
     def make(kind):
         model, margs = _model(loaded, folder)
         if kind == "unpatched":  # flash-attn cannot run on a CPU: VLM2Vec's SDPA class on the same weights
-            from pdfkernels.models.layout import attention_modules, decoder_stack
+            from pdfkernels.models.anatomy import attention_modules, decoder_stack
 
             for attn in attention_modules(decoder_stack(hf_model(model))):
                 attn.__class__ = loaded["qwen2_vl"].Qwen2VLSdpaAttention

@@ -17,7 +17,7 @@ from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditiona
 
 import pdfkernels
 from pdfkernels import models
-from pdfkernels.models.configs import tiny_llava_next, tiny_qwen2vl
+from pdfkernels.models.presets import tiny_llava_next, tiny_qwen2vl
 
 
 def text_inputs(model, batch: int, length: int) -> dict:

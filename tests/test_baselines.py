@@ -14,7 +14,7 @@ from pdfkernels.baselines import (
     sdpa_backends_run,
     sdpa_prefix_attention,
 )
-from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.packing import cu_seqlens_from_lengths
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

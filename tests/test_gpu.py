@@ -9,7 +9,7 @@ import torch
 
 import pdfkernels
 from pdfkernels import reference
-from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.packing import cu_seqlens_from_lengths
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -11,7 +11,7 @@ import torch
 
 import pdfkernels
 from pdfkernels import backend, reference
-from pdfkernels.layout import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
+from pdfkernels.packing import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ import torch
 
 import pdfkernels
 from pdfkernels import backend, reference
-from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.packing import cu_seqlens_from_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 B, H, HKV, L, D, N, K = 2, 4, 2, 11, 64, 2, 5

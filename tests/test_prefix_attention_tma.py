@@ -12,7 +12,7 @@ import pdfkernels
 from pdfkernels import autotune, backend, reference
 from pdfkernels import prefix_attention_tiles as tiles
 from pdfkernels import prefix_attention_tma as tma_policy
-from pdfkernels.layout import cu_seqlens_from_lengths
+from pdfkernels.packing import cu_seqlens_from_lengths
 from pdfkernels.registry import configs_for
 from tests.test_prefix_attention import _check_grads, _hf_layout, check_padded_case
 

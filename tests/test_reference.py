@@ -7,7 +7,7 @@ import torch
 
 from pdfkernels import reference
 from pdfkernels.baselines import cat_sdpa_prefix_attention, club_broadcast_mim
-from pdfkernels.layout import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
+from pdfkernels.packing import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
 
 def _padding_mask(b: int, length: int, side: str) -> torch.Tensor | None:

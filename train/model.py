@@ -9,7 +9,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from pdfkernels import models
-from pdfkernels.models import configs as archs
+from pdfkernels.models import presets
 
 from .config import VLM2VEC_TARGETS, TrainConfig
 from .data import LlavaCollator, Qwen2VLCollator, takes_token_types
@@ -81,19 +81,19 @@ def set_special_ids(config, tokenizer) -> None:
     config.pad_token_id = tokenizer.pad_token_id
 
 
-# preset -> (model type, its architecture from models/configs.py: the one source of each backbone's numbers);
+# preset -> (model type, its architecture from models/presets.py: the one source of each backbone's numbers);
 # random weights. The tiny ones take the locally built tokenizer's vocabulary, the real ones keep theirs.
 PRESETS = {
-    "tiny": ("qwen2_vl", lambda vocab: archs.tiny_qwen2vl(vocab_size=vocab)),
-    "tiny-qwen2.5vl": ("qwen2_5_vl", lambda vocab: archs.tiny_qwen2_5vl(vocab_size=vocab)),
-    "tiny-qwen3vl": ("qwen3_vl", lambda vocab: archs.tiny_qwen3vl(vocab_size=vocab)),
-    "tiny-llava-next": ("llava_next", lambda vocab: archs.tiny_llava_next("mistral", vocab_size=vocab)),
-    "qwen2vl-2b": ("qwen2_vl", lambda vocab: archs.qwen2vl_2b()),
-    "qwen2vl-7b": ("qwen2_vl", lambda vocab: archs.qwen2vl_7b()),
-    "qwen2.5vl-3b": ("qwen2_5_vl", lambda vocab: archs.qwen2_5vl_3b()),
-    "qwen2.5vl-7b": ("qwen2_5_vl", lambda vocab: archs.qwen2_5vl_7b()),
-    "qwen3vl-2b": ("qwen3_vl", lambda vocab: archs.qwen3vl_2b()),
-    "llava-next-7b": ("llava_next", lambda vocab: archs.llava_next_7b()),
+    "tiny": ("qwen2_vl", lambda vocab: presets.tiny_qwen2vl(vocab_size=vocab)),
+    "tiny-qwen2.5vl": ("qwen2_5_vl", lambda vocab: presets.tiny_qwen2_5vl(vocab_size=vocab)),
+    "tiny-qwen3vl": ("qwen3_vl", lambda vocab: presets.tiny_qwen3vl(vocab_size=vocab)),
+    "tiny-llava-next": ("llava_next", lambda vocab: presets.tiny_llava_next("mistral", vocab_size=vocab)),
+    "qwen2vl-2b": ("qwen2_vl", lambda vocab: presets.qwen2vl_2b()),
+    "qwen2vl-7b": ("qwen2_vl", lambda vocab: presets.qwen2vl_7b()),
+    "qwen2.5vl-3b": ("qwen2_5_vl", lambda vocab: presets.qwen2_5vl_3b()),
+    "qwen2.5vl-7b": ("qwen2_5_vl", lambda vocab: presets.qwen2_5vl_7b()),
+    "qwen3vl-2b": ("qwen3_vl", lambda vocab: presets.qwen3vl_2b()),
+    "llava-next-7b": ("llava_next", lambda vocab: presets.llava_next_7b()),
 }
 # model type -> (the transformers class that trains it, the first transformers release that has it)
 CLASSES = {"qwen2_vl": ("Qwen2VLForConditionalGeneration", "4.45"),

@@ -7,7 +7,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from pdfkernels import models
 from pdfkernels.bench.flops import count_flops
-from pdfkernels.models.configs import small_qwen2vl
+from pdfkernels.models.presets import small_qwen2vl
 
 # small_qwen2vl: text width 256, 4 layers, 4 heads x 64 (2 KV heads), MLP 768; vision embed 64, 2 blocks,
 # mlp_ratio 2, patch 14 (Conv3d 3 -> 64 over 2 x 14 x 14), merger 4·64 -> 256 -> 256. A 224x224 image:

@@ -6,7 +6,7 @@ import torch
 
 from pdfkernels import models
 from pdfkernels.bench.table4 import BACKBONES, PREFIX_LEN, _meta_model, backbone_table, flop_rows, parameter_rows, table
-from pdfkernels.models.layout import decoder_stack, geometry
+from pdfkernels.models.anatomy import decoder_stack, geometry
 
 # total parameters (billions, as the Hugging Face model cards of Qwen/<name>-Instruct round them)
 PUBLISHED_B = {"qwen2vl-2b": 2.21, "qwen2.5vl-3b": 3.75, "qwen2.5vl-7b": 8.29, "qwen3vl-2b": 2.13}

@@ -14,7 +14,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from pdfkernels.models.configs import (
+from pdfkernels.models.anatomy import hf_model
+from pdfkernels.models.presets import (
     IMAGE_TOKEN_ID,
     has_qwen3vl,
     tiny_llava,
@@ -23,7 +24,6 @@ from pdfkernels.models.configs import (
     tiny_qwen2vl,
     tiny_qwen3vl,
 )
-from pdfkernels.models.layout import hf_model
 
 # Qwen3-VL where the installed transformers has it (4.57+); on 4.52.3 its cases skip, saying why
 _QWEN3VL = pytest.param("qwen3vl", marks=pytest.mark.skipif(

@@ -7,10 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pdfkernels import backend, models
-from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model, vision_tower
+from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model, vision_tower
 from pdfkernels.models.patch import last_token
 from tests.models.builders import KINDS, build_inputs, build_model, mm_token_types
-from tests.models.reference import float64_reference
+from tests.models.float64_oracle import float64_oracle
 
 
 def _pooled_unpatched(model, inputs):
@@ -53,7 +53,7 @@ def test_single_path_equals_float64_concatenated_prefix_reference(kind, padding)
     models.apply_pdf(model, num_paths=3, prefix_len=5)
     double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
     for path in range(3):
-        reference = float64_reference(unpatched, model.pdf_prefix, path, lambda: inputs["attention_mask"],
+        reference = float64_oracle(unpatched, model.pdf_prefix, path, lambda: inputs["attention_mask"],
                                       _outputs(model))
         expected = _pooled_unpatched(reference, double)
         with torch.no_grad():

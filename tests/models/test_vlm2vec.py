@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pdfkernels import models
-from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
+from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model
 from tests.models.builders import KINDS, build_inputs, build_model
-from tests.models.reference import float64_reference
+from tests.models.float64_oracle import float64_oracle
 from tests.models.vlm2vec_doubles import MMEBModel, build_double, build_double_inputs
 
 peft = pytest.importorskip("peft")
@@ -91,7 +91,7 @@ def test_vlm2vec_flow(kind, impl, reentrant):
 
     reps = []
     for path in (0, 1):
-        reference = MMEBModel(float64_reference(plain.encoder, prefix, path, lambda: inputs["attention_mask"],
+        reference = MMEBModel(float64_oracle(plain.encoder, prefix, path, lambda: inputs["attention_mask"],
                                                        _outputs(model)))
         with torch.no_grad():
             expected = reference.encode_input(_as_double(inputs))

@@ -149,7 +149,7 @@ def test_resume_from_a_mid_run_checkpoint_continues_bit_exactly(tmp_path):
 
     resumed, again = _trainer(tmp_path / "b", rows, max_steps=4, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert hasattr(models.layout.hf_model(resumed.model), "pdf_prefix"), "the rebuilt model must be patched again"
+    assert hasattr(models.anatomy.hf_model(resumed.model), "pdf_prefix"), "the rebuilt model must be patched again"
     for name, value in seen.after[1].items():  # after step 2's update = what checkpoint-2 holds
         assert torch.equal(again.begin[name], value), name
     assert len(again.steps) == 2

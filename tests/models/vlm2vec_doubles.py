@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pdfkernels.models.configs import IMAGE_TOKEN_ID, tiny_llava_next
+from pdfkernels.models.presets import IMAGE_TOKEN_ID, tiny_llava_next
 from tests.models.phi3v_double import Phi3VForCausalLM, build_phi3v, build_phi3v_inputs
 
 PATCH_DIM = 12  # pixel features per visual token

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from pdfkernels.models.configs import tiny_qwen2vl
+from pdfkernels.models.presets import tiny_qwen2vl
 from pdfkernels.train import synthetic
 from pdfkernels.train.data import IMAGE_PLACEHOLDER, ImageLoader, Qwen2VLCollator, TrainSampler
 from pdfkernels.train.loader import BadData, StepShares, TrainBatches

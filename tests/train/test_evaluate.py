@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pdfkernels import models
-from pdfkernels.bench.eval_reference import precision_at_1
+from pdfkernels.bench.eval_per_query import precision_at_1
 from pdfkernels.train import images, synthetic
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import IMAGE_PLACEHOLDER, BadImage, ImageLoader

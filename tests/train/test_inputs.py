@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import pdfkernels.train.run as run
-from pdfkernels.models.configs import tiny_qwen2vl
+from pdfkernels.models.presets import tiny_qwen2vl
 from pdfkernels.train import synthetic
 from pdfkernels.train.data import Qwen2VLCollator
 from pdfkernels.train.model import image_processor, local_tokenizer, set_special_ids

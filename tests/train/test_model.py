@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import pdfkernels.train.run as run
-from pdfkernels.models.configs import has_qwen3vl
+from pdfkernels.models.presets import has_qwen3vl
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader
 from pdfkernels.train.model import CLASSES, PRESETS, backbone, make_collator

@@ -21,7 +21,7 @@ SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForCo
 
 
 @dataclass(frozen=True)
-class TextLayout:
+class AttentionForm:
     """How one family's text attention computes its queries, keys and values (the rest of the PDF forward is
     shared): ``fused_qkv``: one ``qkv_proj`` split into q, k, v (Phi-3-V) instead of q/k/v_proj; ``qk_norm``:
     per-head ``q_norm`` / ``k_norm`` before the rotary (Qwen3-VL); ``own_rotary``: each attention module computes
@@ -40,11 +40,11 @@ class TextLayout:
         return (("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")) + ("o_proj", *extra)
 
 
-_PLAIN = TextLayout()
+_PLAIN = AttentionForm()
 # the supported decoder stacks by class name (Hugging Face's and VLM2Vec's vendored ones)
 TEXT_STACKS = {"Qwen2VLModel": _PLAIN, "Qwen2VLTextModel": _PLAIN, "Qwen2_5_VLModel": _PLAIN,
-               "Qwen2_5_VLTextModel": _PLAIN, "Qwen3VLTextModel": TextLayout(qk_norm=True), "MistralModel": _PLAIN,
-               "LlamaModel": _PLAIN, "Phi3VModel": TextLayout(fused_qkv=True, own_rotary=True, embeds_images=True)}
+               "Qwen2_5_VLTextModel": _PLAIN, "Qwen3VLTextModel": AttentionForm(qk_norm=True), "MistralModel": _PLAIN,
+               "LlamaModel": _PLAIN, "Phi3VModel": AttentionForm(fused_qkv=True, own_rotary=True, embeds_images=True)}
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -74,7 +74,7 @@ def _attention_owns_rotary(stack: nn.Module) -> bool:
     return len(stack.layers) > 0 and hasattr(getattr(stack.layers[0], "self_attn", None), "rotary_emb")
 
 
-def text_layout(stack: nn.Module) -> TextLayout:
+def attention_form(stack: nn.Module) -> AttentionForm:
     """How the attention of this (supported) decoder stack projects and rotates its queries and keys."""
     return TEXT_STACKS[type(stack).__name__]
 
@@ -90,7 +90,7 @@ def check_supported(hf: nn.Module) -> nn.Module:
     if type(stack).__name__ not in TEXT_STACKS:
         raise TypeError(f"apply_pdf: {name} with a {type(stack).__name__} language model is not supported; "
                         f"supported text stacks: {', '.join(TEXT_STACKS)}")
-    needed = text_layout(stack).projections + (("rotary_emb",) if text_layout(stack).own_rotary else ())
+    needed = attention_form(stack).projections + (("rotary_emb",) if attention_form(stack).own_rotary else ())
     for index, layer in enumerate(stack.layers):
         attn = getattr(layer, "self_attn", None)
         missing = [p for p in (*needed, "head_dim") if not hasattr(attn, p)]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layout import geometry, hf_model
+from .anatomy import geometry, hf_model
 
 
 def _describe(model: nn.Module) -> dict:

@@ -14,7 +14,7 @@ import types
 import torch
 from torch import nn
 
-from pdfkernels.models.layout import attention_modules, decoder_stack, hf_model
+from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model
 
 
 def _qkv(attn: nn.Module, hidden):
@@ -59,7 +59,7 @@ def _forward(self, hidden_states, position_embeddings=None, **kwargs):
     return (out, None) if spec["outputs"] == 2 else (out, None, None)
 
 
-def float64_reference(model: nn.Module, prefix: torch.Tensor, path: int, padding, outputs: int) -> nn.Module:
+def float64_oracle(model: nn.Module, prefix: torch.Tensor, path: int, padding, outputs: int) -> nn.Module:
     """A float64 copy of the unpatched ``model`` whose text attention concatenates ``prefix[:, path]``;
     ``padding()`` returns the ``[B, L]`` padding mask of the current inputs; ``outputs``: how many values its
     decoder layers unpack from the attention (what ``apply_pdf`` found for the patched model)."""
