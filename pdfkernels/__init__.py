@@ -6,7 +6,7 @@ Public ops (validated inputs, explicit dispatch; see ``pdfkernels.backend``):
 - ``gaussian_loglik_pairwise``, ``mim_loss``, ``estimator_nll``: the vCLUB Gaussian terms.
 
 Each is a registered ``torch.library`` op underneath (``torch.ops.pdfkernels.*``, with fake implementations and
-autograd), so ``torch.compile`` traces them and CUDA graphs capture them (README, "torch.compile and CUDA graphs").
+autograd), so ``torch.compile`` traces them and CUDA graphs capture them (docs/compile.md).
 ``pdfkernels.reference`` holds the plain-PyTorch specification of each. The model patches, trainer and
 benchmarks are ``pdfkernels.models``, ``pdfkernels.train`` and ``pdfkernels.bench``.
 """

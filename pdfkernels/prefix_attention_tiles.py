@@ -139,7 +139,7 @@ def _variants(kernel, dtype: torch.dtype, arch: int) -> tuple[bool, ...]:
     """Which variants ship (True: tensor descriptors, False: pointer loads), the default first: the one
     whose main loops profile lower on sm_90 with this Triton line (``python -m pdfkernels.aot --profile``).
     On a GPU the autotuner times every variant a call's tensors allow. The figures behind this choice are
-    in the README's ahead-of-time section; under Triton before 3.7 the TMA dK/dV is over its budget and not
+    in docs/static-profile.md; under Triton before 3.7 the TMA dK/dV is over its budget and not
     shipped."""
     if not tma_arch(dtype, arch):
         return (False,)

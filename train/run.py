@@ -10,8 +10,8 @@ shapes set (train/synthetic.py). The paper's settings per backbone: train/config
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
 samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, verified, last k kept; ``--resume``
 continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
-On NaN, a reused folder, a changed resume, a damaged checkpoint, a signal or a full disk: README "Failure
-behaviour" (train/guards.py, outdir.py, resume.py, checkpoint.py, signals.py, metrics_log.py).
+On NaN, a reused folder, a changed resume, a damaged checkpoint, a signal or a full disk: docs/failures.md
+(train/guards.py, outdir.py, resume.py, checkpoint.py, signals.py, metrics_log.py).
 """
 
 from __future__ import annotations

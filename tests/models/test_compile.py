@@ -1,7 +1,7 @@
 """``torch.compile(fullgraph=True)`` of ``models.encode`` on the tiny Qwen2-VL and LLaVA-NeXT (CPU, backends
 ``eager`` and ``aot_eager``): one path, two paths and no prefix, forward and backward equal to eager; and the
 number of compilations across batches of different lengths (dynamic shapes). Text rows, padded: with images,
-transformers' own vision and rope-index code breaks the graph (README), none of ours."""
+transformers' own vision and rope-index code breaks the graph (docs/compile.md), none of ours."""
 
 from __future__ import annotations
 
