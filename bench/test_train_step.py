@@ -23,7 +23,7 @@ from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.phases import PhaseTimer
 from pdfkernels.bench.schema import timed_info
 from pdfkernels.train import synthetic
-from pdfkernels.train.config import TrainConfig
+from pdfkernels.train.config import TrainConfig, table3
 from pdfkernels.train.data import ImageLoader, TrainSampler, example
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import load_train_rows
@@ -37,7 +37,7 @@ BATCH = 8 if CUDA else 32
 def _setup(variant: str):
     if not (_DATA / "train").exists():
         synthetic.generate(_DATA, num_train=64, num_eval=2, seed=0)
-    flags = {"baseline": dict(baseline=True), "pdf": {}}[variant]
+    flags = {"baseline": table3("baseline"), "pdf": {}}[variant]
     config = TrainConfig(model="qwen2vl-2b" if CUDA else "tiny", global_batch=BATCH, chunk_size=BATCH,
                          image_dir=str(_DATA / "images"),
                          train_data=[str(_DATA / "train" / "t2i.jsonl"), str(_DATA / "train" / "i2t.jsonl")],

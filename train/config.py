@@ -24,11 +24,6 @@ class TrainConfig:
     lambda_mim: float = 1e-4
     lambda_con: float = 1.0
     temperature: float = 0.02
-    # Table 3 switches and the controlled baseline
-    baseline: bool = False  # plain VLM2Vec: no prefix, no MIM, one path
-    prefix_only: bool = False  # R2: one prefix path, no parallel paths, no MIM
-    no_mim: bool = False  # R3: parallel paths without MIM
-    no_path_loss: bool = False  # R4: without the per-path (sub) loss
     # model
     model: str = "tiny"  # a preset in train.model.PRESETS or a local directory (from_pretrained, offline)
     lora_r: int | None = None  # DoRA rank on VLM2VEC_TARGETS; 0 trains every weight; None: 8, or 0 for "tiny"
@@ -75,14 +70,6 @@ class TrainConfig:
     report_to: str = ""  # also log metrics to "tensorboard" or "wandb" (when installed)
 
     def __post_init__(self) -> None:
-        if self.baseline:
-            self.num_paths, self.prefix_len, self.lambda_mim = 1, 0, 0.0
-        if self.prefix_only:
-            self.num_paths, self.lambda_mim = 1, 0.0
-        if self.no_mim:
-            self.lambda_mim = 0.0
-        if self.no_path_loss:
-            self.lambda_con = 0.0
         for name, low in (("num_paths", 1), ("prefix_len", 0), ("lambda_mim", 0), ("lambda_con", 0),
                           ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
                           ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
@@ -142,7 +129,17 @@ class TrainConfig:
         return self.uses_mim or (self.num_paths > 1 and self.track_mi)
 
 
-SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml and the paper's settings per backbone
+SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml, the paper's settings per backbone, Table 3
+# the Table 3 switches and the controlled baseline: --NAME applies configs/table3-NAME.yaml last (over the
+# config file and every flag), in this order
+TABLE3 = ("baseline", "prefix_only", "no_mim", "no_path_loss")
+
+
+def table3(switch: str) -> dict:
+    """The fields a Table 3 switch sets (``train/configs/table3-<switch>.yaml``)."""
+    if switch not in TABLE3:
+        raise ConfigError(f"config: Table 3 switch expected one of {TABLE3}, got {switch!r}")
+    return _load_file(str(SHIPPED / f"table3-{switch.replace('_', '-')}.yaml"))
 
 
 def config_file(name: str) -> Path:
@@ -173,6 +170,9 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(description="PDF training (paper defaults; see train/config.py)")
     parser.add_argument("--config", default=None, help="YAML or JSON file of TrainConfig fields, or the name of "
                         "a shipped one (train/configs: demo, paper-qwen2vl-2b, ...)")
+    for switch in TABLE3:
+        parser.add_argument("--" + switch.replace("_", "-"), action="store_true",
+                            help=f"apply train/configs/table3-{switch.replace('_', '-')}.yaml last")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":  # --name turns a default-off switch on; --no-name turns a default-on one off
@@ -188,9 +188,13 @@ def parse(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, type=kind, default=None)
     args = vars(parser.parse_args(argv))
     values = _load_file(args.pop("config")) if args.get("config") else {}
+    # a file may name a switch as a field (``baseline: true``), as this trainer's files once did
+    switches = [s for s in TABLE3 if args.pop(s) or values.pop(s, False)]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"config file: unknown fields {sorted(unknown)}")
     values.update({k: v for k, v in args.items() if v is not None})
+    for switch in switches:
+        values.update(table3(switch))
     return TrainConfig(**values)

@@ -20,9 +20,9 @@ from . import checkpoint
 log = logging.getLogger("pdf")
 
 # fields whose change makes the checkpoint another training run (or another set of parameters)
-FIXED = ("model", "lora_r", "num_paths", "prefix_len", "baseline", "prefix_only", "no_mim", "train_data",
-         "subset_weights", "image_dir", "global_batch", "max_length", "seed", "hard_negatives",
-         "image_resolution")
+# (the Table 3 switches set num_paths, prefix_len and lambda_mim: covered by these and the MIM check below)
+FIXED = ("model", "lora_r", "num_paths", "prefix_len", "train_data", "subset_weights", "image_dir", "global_batch",
+         "max_length", "seed", "hard_negatives", "image_resolution")
 # flags about this invocation only, never compared
 TRANSIENT = ("resume", "overwrite", "stop_after")
 
@@ -39,7 +39,7 @@ def compare(saved: dict, config, path: Path) -> list[str]:
     """Raise on a change that cannot be resumed; return a description of each change that is applied."""
     current = vars(config)
     fixed = [f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in FIXED
-             if k in saved and saved[k] != current[k]]
+             if k in saved and k in current and saved[k] != current[k]]
     if _uses_mim(saved) != _uses_mim(current):
         fixed.append(f"MIM (num_paths > 1 and lambda_mim > 0): checkpoint {_uses_mim(saved)}, now "
                      f"{_uses_mim(current)}")

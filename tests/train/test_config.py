@@ -103,3 +103,22 @@ def test_a_bare_run_is_the_demo_and_says_so_first(monkeypatch, capsys, tmp_path)
     assert seen["config"] == parse(["--config", str(SHIPPED / "demo.yaml"), "--overwrite"])
     script = (SHIPPED.parents[1] / "scripts" / "run.sh").read_text()
     assert "-m pdfkernels.train.run --config train/configs/demo.yaml" in script and "replace=(--overwrite)" in script
+
+
+def test_each_table3_switch_is_a_shipped_file_applied_last(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"num_paths": 3, "lambda_mim": 0.5, "baseline": True}))  # a switch named in a file
+    c = parse(["--config", str(path), "--prefix-len", "7"])
+    assert (c.num_paths, c.prefix_len, c.lambda_mim) == (1, 0, 0.0)
+    assert parse(["--config", "table3-no-path-loss"]) == parse(["--no-path-loss"])
+    for switch in ("baseline", "prefix_only", "no_mim", "no_path_loss"):
+        assert (SHIPPED / f"table3-{switch.replace('_', '-')}.yaml").is_file()
+
+
+def test_a_checkpoint_saved_with_the_old_switch_fields_still_compares(tmp_path):
+    from pdfkernels.train import resume
+
+    saved = {**vars(parse(["--baseline"])), "baseline": True, "prefix_only": False, "no_mim": False}
+    assert resume.compare(saved, parse(["--baseline"]), tmp_path) == []
+    with pytest.raises(resume.ResumeError, match="num_paths: checkpoint 1, now 2"):
+        resume.compare(saved, parse([]), tmp_path)
