@@ -17,8 +17,9 @@ from pdfkernels.train.data import ImageLoader, TrainSampler, example, negatives
 from pdfkernels.train.loader import StepShares, TrainBatches
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import BadRow, load_train_rows
-from pdfkernels.train.step import collate_chunks, contrastive_loss, train_step
+from pdfkernels.train.step import collate_chunks, train_step
 from tests.train.helpers import run_args, shapes_data_with_negatives
+from tests.train.step_oracle import assert_same_step, full_batch_step, trainable_grads
 
 H = 2  # negatives per query in the generated set
 
@@ -123,37 +124,17 @@ def _setup(data, chunk_size):
     return config, parts, collator, [p[0] for p in pairs], [p[1] for p in pairs], negs
 
 
-def _grads(parts):
-    named = [(n, p) for n, p in parts.model.named_parameters() if p.requires_grad]
-    named += [(f"aggregator.{n}", p) for n, p in parts.aggregator.named_parameters()]
-    return {n: p.grad.clone() for n, p in named if p.grad is not None}
-
-
 def test_gradcache_with_negatives_equals_the_full_batch_step(data):
     config, parts, collator, queries, targets, negs = _setup(data, chunk_size=3)
     metrics = train_step(parts, collate_chunks(collator, queries, 3, "cpu"),
                          collate_chunks(collator, targets, 3, "cpu"), config, torch.device("cpu"),
                          collate_chunks(collator, negs, 3, "cpu"))
-    cached = _grads(parts)
+    cached = trainable_grads(parts)
 
     config, ref, collator, queries, targets, negs = _setup(data, chunk_size=8)
-    paths = list(range(config.num_paths))
-    with torch.no_grad():
-        q0, t0 = (models.encode(ref.model, collator(rows), paths) for rows in (queries, targets))
-    ref.estimator_optimizer.zero_grad()
-    ((ref.estimator.estimator_loss(q0) + ref.estimator.estimator_loss(t0)) / 2).backward()
-    ref.estimator_optimizer.step()
-    ref.optimizer.zero_grad()
-    q, t, n = (models.encode(ref.model, collator(rows), paths) for rows in (queries, targets, negs))
+    loss, direct, n = full_batch_step(ref, collator, config, queries, targets, negs)
     assert n.shape[1] == H * len(queries)
-    loss, _ = contrastive_loss(q, t, ref.aggregator, config, n)
-    loss = loss + config.lambda_mim * (ref.estimator.mim_loss(q) + ref.estimator.mim_loss(t)) / 2
-    loss.backward()
-    direct = _grads(ref)
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert direct.keys() == cached.keys() and len(direct) > 10
-    for name in direct:
-        torch.testing.assert_close(cached[name], direct[name], rtol=1e-4, atol=1e-6, msg=lambda m, k=name: f"{k}: {m}")
+    assert_same_step(metrics, cached, loss, direct)
 
 
 # --- the pipeline and whole runs ----------------------------------------------------------------------

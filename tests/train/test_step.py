@@ -15,9 +15,10 @@ from pdfkernels.train.metrics import NegativeMIWatch
 from pdfkernels.train.model import build, make_collator
 from pdfkernels.train.rows import load_train_rows
 from pdfkernels.train.run import make_parts
-from pdfkernels.train.step import collate_chunks, contrastive_loss, train_step
+from pdfkernels.train.step import collate_chunks, train_step
 from tests.train.helpers import shapes_data
 from tests.train.mim_helpers import anti_estimator
+from tests.train.step_oracle import assert_same_step, full_batch_step, trainable_grads
 
 
 def _setup(tmp_path_factory, chunk_size, **overrides):
@@ -38,40 +39,17 @@ def _setup(tmp_path_factory, chunk_size, **overrides):
     return config, parts, collator, queries, targets
 
 
-def _grads(parts):
-    named = [(n, p) for n, p in parts.model.named_parameters() if p.requires_grad]
-    named += [(f"aggregator.{n}", p) for n, p in parts.aggregator.named_parameters()]
-    return {n: p.grad.clone() for n, p in named if p.grad is not None}
-
-
 def test_gradcache_equals_full_batch_step(tmp_path_factory):
     # chunked step
     config, parts, collator, queries, targets = _setup(tmp_path_factory, chunk_size=2)
     metrics = train_step(parts, collate_chunks(collator, queries, 2, "cpu"),
                          collate_chunks(collator, targets, 2, "cpu"), config, torch.device("cpu"))
-    cached = _grads(parts)
+    cached = trainable_grads(parts)
 
     # the same step written directly: estimator step, then one forward with gradients on the full batch
     config, ref, collator, queries, targets = _setup(tmp_path_factory, chunk_size=6)
-    paths = list(range(config.num_paths))
-    with torch.no_grad():
-        q0 = models.encode(ref.model, collator(queries), paths)
-        t0 = models.encode(ref.model, collator(targets), paths)
-    ref.estimator_optimizer.zero_grad()
-    ((ref.estimator.estimator_loss(q0) + ref.estimator.estimator_loss(t0)) / 2).backward()
-    ref.estimator_optimizer.step()
-    ref.optimizer.zero_grad()
-    q = models.encode(ref.model, collator(queries), paths)
-    t = models.encode(ref.model, collator(targets), paths)
-    loss, _ = contrastive_loss(q, t, ref.aggregator, config)
-    loss = loss + config.lambda_mim * (ref.estimator.mim_loss(q) + ref.estimator.mim_loss(t)) / 2
-    loss.backward()
-    direct = _grads(ref)
-
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert direct.keys() == cached.keys() and len(direct) > 10
-    for name in direct:
-        torch.testing.assert_close(cached[name], direct[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    loss, direct, _ = full_batch_step(ref, collator, config, queries, targets)
+    assert_same_step(metrics, cached, loss, direct)
 
 
 def test_metrics_report_every_term(tmp_path_factory):
