@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend
+from pdfkernels import settings
 from pdfkernels.baselines import club_broadcast_mim
 from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, library_version
 from pdfkernels.bench.memory import cpu_peak_extra_bytes, cuda_peak_extra_bytes
@@ -35,15 +35,15 @@ def _ours(y, mu, logvar):
 
 
 def _closed_form_torch(y, mu, logvar):
-    previous = os.environ.get(backend.ENV_VAR)
-    os.environ[backend.ENV_VAR] = "torch"
+    previous = os.environ.get(settings.BACKEND.name)
+    os.environ[settings.BACKEND.name] = "torch"
     try:
         return pdfkernels.mim_loss(y, mu, logvar)
     finally:
         if previous is None:
-            del os.environ[backend.ENV_VAR]
+            del os.environ[settings.BACKEND.name]
         else:
-            os.environ[backend.ENV_VAR] = previous
+            os.environ[settings.BACKEND.name] = previous
 
 
 PROVIDERS = {"pdfkernels": _ours, "closed-form-torch": _closed_form_torch, "club-broadcast": club_broadcast_mim}

@@ -79,8 +79,25 @@ def attention_form(stack: nn.Module) -> AttentionForm:
     return TEXT_STACKS[type(stack).__name__]
 
 
-def check_supported(hf: nn.Module) -> nn.Module:
-    """Refuse what is not a supported model, naming what is; return the decoder stack."""
+@dataclass(frozen=True)
+class Decoder:
+    """A supported model's text decoder, found once: the stack, its attention form, its attention modules and
+    its geometry (what ``apply_pdf`` and the patch need, passed down rather than looked up again)."""
+
+    stack: nn.Module
+    form: AttentionForm
+    attentions: tuple[nn.Module, ...]
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        """(layers, KV heads, head_dim)."""
+        return len(self.attentions), self.num_kv_heads, self.head_dim
+
+
+def check_supported(hf: nn.Module) -> Decoder:
+    """Refuse what is not a supported model, naming what is; return its text decoder."""
     name = type(hf).__name__
     if name not in SUPPORTED:
         raise TypeError(f"apply_pdf: model type {name} is not supported; supported: {', '.join(SUPPORTED)} "
@@ -90,13 +107,15 @@ def check_supported(hf: nn.Module) -> nn.Module:
     if type(stack).__name__ not in TEXT_STACKS:
         raise TypeError(f"apply_pdf: {name} with a {type(stack).__name__} language model is not supported; "
                         f"supported text stacks: {', '.join(TEXT_STACKS)}")
-    needed = attention_form(stack).projections + (("rotary_emb",) if attention_form(stack).own_rotary else ())
+    form = attention_form(stack)
+    needed = form.projections + (("rotary_emb",) if form.own_rotary else ())
     for index, layer in enumerate(stack.layers):
         attn = getattr(layer, "self_attn", None)
         missing = [p for p in (*needed, "head_dim") if not hasattr(attn, p)]
         if missing:
             raise TypeError(f"apply_pdf: decoder layer {index} of {name} has no self_attn with {', '.join(missing)}")
-    return stack
+    attentions = tuple(attention_modules(stack))
+    return Decoder(stack, form, attentions, stack.config.num_key_value_heads, attentions[0].head_dim)
 
 
 def attention_modules(stack: nn.Module) -> list[nn.Module]:
@@ -111,8 +130,7 @@ def text_config(model: nn.Module):
 def geometry(model: nn.Module) -> tuple[int, int, int]:
     """(layers, KV heads, head_dim) of the text decoder, read from the layers and the config they were built with."""
     stack = decoder_stack(hf_model(model))
-    attn = stack.layers[0].self_attn
-    return len(stack.layers), stack.config.num_key_value_heads, attn.head_dim
+    return len(stack.layers), stack.config.num_key_value_heads, stack.layers[0].self_attn.head_dim
 
 
 def inner_model(model: nn.Module) -> nn.Module | None:

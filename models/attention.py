@@ -31,7 +31,7 @@ from torch import nn
 
 from pdfkernels.prefix_attention import prefix_attention_known_paths
 
-from .anatomy import AttentionForm, attention_form
+from .anatomy import AttentionForm, Decoder
 from .masks import key_padding_mask
 
 PATHS_ATTR = "_pdf_paths"  # Phi-3-V: on the storage of the position ids a forward hands its layers
@@ -256,9 +256,9 @@ def _mrope_section(attn: nn.Module, config) -> list[int] | None:
     return None
 
 
-def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState) -> list[Binding]:
+def patch_decoder(decoder: Decoder, state: PDFState) -> list[Binding]:
     """Give each attention module the PDF forward and hook the stack; returns the bindings (their call counts)."""
-    form = attention_form(stack)
+    stack, form = decoder.stack, decoder.form
     stack._pdf_state = state
     repeat = stack.register_forward_pre_hook(_repeat_for_paths, with_kwargs=True)
     if form.own_rotary:  # registered after the repetition: it tags the repeated inputs' positions
@@ -267,7 +267,7 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
         stack.rotary_emb._pdf_state = state
         stack._pdf_hooks = (repeat, stack.rotary_emb.register_forward_hook(_add_paths, with_kwargs=True))
     bindings = []
-    for index, attn in enumerate(attentions):
+    for index, attn in enumerate(decoder.attentions):
         signature = inspect.signature(attn.forward)
         outputs = 3 if "output_attentions" in signature.parameters else 2  # a guess: prove_live settles it
         attn._pdf = Binding(state, index, signature, outputs, _mrope_section(attn, stack.config), form)
@@ -276,36 +276,39 @@ def patch_decoder(stack: nn.Module, attentions: list[nn.Module], state: PDFState
     return bindings
 
 
-def unpatch_decoder(stack: nn.Module, attentions: list[nn.Module]) -> None:
+def unpatch_decoder(decoder: Decoder) -> None:
     """Undo ``patch_decoder`` (after a failed proof): the modules' own forwards and no hooks again."""
+    stack = decoder.stack
     for handle in stack._pdf_hooks:
         handle.remove()
     del stack._pdf_hooks, stack._pdf_state
     if hasattr(getattr(stack, "rotary_emb", None), "_pdf_state"):
         del stack.rotary_emb._pdf_state
-    for attn in attentions:
+    for attn in decoder.attentions:
         if hasattr(attn, "_pdf"):
             del attn.forward, attn._pdf
 
 
-def _dry_forward(stack: nn.Module) -> None:
+def _dry_forward(decoder: Decoder) -> None:
+    stack = decoder.stack
     embed = stack.embed_tokens.weight
     # with a mask, as real calls pass one (4.53's text model fails on 3-D positions without it)
     mask = embed.new_ones(1, 2, dtype=torch.long)
     with torch.no_grad():
-        if attention_form(stack).embeds_images:  # Phi-3-V's stack embeds input_ids itself; one text-only row
+        if decoder.form.embeds_images:  # Phi-3-V's stack embeds input_ids itself; one text-only row
             stack(input_ids=mask.clone(), attention_mask=mask, image_sizes=[None], use_cache=False)
         else:
             stack(inputs_embeds=embed.new_zeros(1, 2, embed.shape[1]), attention_mask=mask, use_cache=False)
 
 
-def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:
+def prove_live(decoder: Decoder, bindings: list[Binding]) -> None:
     """A two-token dry forward of the patched language model; every layer must have run the PDF attention.
 
     It also settles how many values the attention returns: the signature's guess (3 where the forward takes
     ``output_attentions``) is wrong for some releases (4.53 to 5.0 keep the parameter but return 2), and the
     decoder layer's own unpacking tells."""
     before = [b.calls for b in bindings]
+    stack = decoder.stack
     modes = {m: m.training for m in stack.modules()}
     state = stack._pdf_state
     paths, state.paths = state.paths, (0,)
@@ -316,7 +319,7 @@ def prove_live(stack: nn.Module, bindings: list[Binding]) -> None:
             for binding in bindings:
                 binding.outputs = outputs
             try:
-                _dry_forward(stack)
+                _dry_forward(decoder)
                 break
             except ValueError as exc:  # "too many values to unpack" / "not enough values to unpack"
                 if "to unpack" not in str(exc) or outputs != guess:

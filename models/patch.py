@@ -18,8 +18,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from pdfkernels import backend
+
 from . import attention
-from .anatomy import SUPPORTED, attention_modules, check_supported, geometry, hf_model, inner_model, text_config
+from .anatomy import SUPPORTED, check_supported, hf_model, inner_model, text_config
 from .mmeb import install_pooling, is_mmeb
 
 __all__ = ["SUPPORTED", "apply_pdf", "encode", "hf_model", "inner_model", "last_token", "mark_pdf_trainable",
@@ -42,7 +44,7 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of what PDF adds to a backbone of ``dtype``: fp32 (float64 for float64 references). A bf16
     prefix cannot train: at |p| ~ 0.17 bf16's spacing is ~1e-3, far above an AdamW step at lr 2e-5, so most
     elements would never change."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return backend.accumulate_dtype(dtype)
 
 
 def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, seed: int = 0) -> nn.Module:
@@ -59,26 +61,25 @@ def apply_pdf(model: nn.Module, num_paths: int = 2, prefix_len: int = 20, *, see
     instance also gets the k-path pooling of ``models/mmeb.py`` (several paths through ``encode_input``).
     """
     hf = hf_model(model)
-    stack = check_supported(hf)
+    decoder = check_supported(hf)
     if isinstance(num_paths, bool) or not isinstance(num_paths, int) or num_paths < 1:
         raise ValueError(f"apply_pdf: argument 'num_paths' expected an int >= 1, got {num_paths!r}")
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ValueError(f"apply_pdf: argument 'prefix_len' expected an int >= 0, got {prefix_len!r}")
     if hasattr(hf, "pdf_prefix"):
         raise RuntimeError("apply_pdf: this model is already patched")
-    layers, kv_heads, head_dim = geometry(hf)
-    reference = stack.embed_tokens.weight
+    layers, kv_heads, head_dim = decoder.geometry
+    reference = decoder.stack.embed_tokens.weight
     generator = torch.Generator().manual_seed(seed)
     hf.pdf_prefix = nn.Parameter(init_prefix(layers, num_paths, kv_heads, prefix_len, head_dim,
                                              master_dtype(reference.dtype), reference.device, generator))
     hf.pdf_state = attention.PDFState(hf.pdf_prefix)
     hf.pdf_num_paths, hf.pdf_prefix_len = num_paths, prefix_len
-    attentions = attention_modules(stack)
-    bindings = attention.patch_decoder(stack, attentions, hf.pdf_state)
+    bindings = attention.patch_decoder(decoder, hf.pdf_state)
     try:
-        attention.prove_live(stack, bindings)
+        attention.prove_live(decoder, bindings)
     except RuntimeError:  # leave the model as it was, not half patched
-        attention.unpatch_decoder(stack, attentions)
+        attention.unpatch_decoder(decoder)
         del hf.pdf_prefix, hf.pdf_state, hf.pdf_num_paths, hf.pdf_prefix_len
         raise
     if is_mmeb(model):

@@ -124,7 +124,7 @@ def qwen2vl_7b() -> Qwen2VLConfig:
 
 
 # Qwen2.5-VL-3B / -7B and Qwen3-VL-2B: the numbers of the published Qwen/*-Instruct config.json files (see the
-# README's Models section for where they were read); the vision tower is shared by the two Qwen2.5-VL sizes.
+# docs/models.md for where they were read); the vision tower is shared by the two Qwen2.5-VL sizes.
 _QWEN2_5_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                        fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, hidden_act="silu", tokens_per_second=2)

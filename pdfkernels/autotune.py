@@ -33,8 +33,6 @@ import torch
 
 from . import backend, settings
 
-ENV_VAR = settings.AUTOTUNE.name
-LOG_VAR = settings.AUTOTUNE_LOG.name
 WARMUP_MS = 5  # short: a launch key is tuned once per process, on the first real call
 REP_MS = 20
 

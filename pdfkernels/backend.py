@@ -13,9 +13,6 @@ import torch
 from . import settings
 from .settings import interpreting
 
-ENV_VAR = settings.BACKEND.name
-POISON_VAR = settings.POISON.name
-
 
 def requested() -> str:
     return settings.get(settings.BACKEND)
@@ -27,9 +24,9 @@ def use_triton(t: torch.Tensor) -> bool:
     if choice == "auto":
         return t.is_cuda
     if choice == "triton" and not t.is_cuda and not interpreting():  # Triton would say "0 active drivers"
-        raise RuntimeError(f"{ENV_VAR}=triton on a {t.device.type} tensor needs Triton's interpreter: set "
-                           f"TRITON_INTERPRET=1 before pdfkernels is imported, use CUDA tensors, or set "
-                           f"{ENV_VAR}=torch")
+        name = settings.BACKEND.name
+        raise RuntimeError(f"{name}=triton on a {t.device.type} tensor needs Triton's interpreter: set "
+                           f"TRITON_INTERPRET=1 before pdfkernels is imported, use CUDA tensors, or set {name}=torch")
     return choice == "triton"
 
 
@@ -44,13 +41,15 @@ def use_triton_for(op: str, t: torch.Tensor) -> bool:
         return False
     if t.dtype not in TRITON_TYPES:
         raise TypeError(f"{op}: the Triton kernels take float16, bfloat16 or float32 inputs, got {t.dtype} "
-                        f"(float64 runs on the PyTorch path: {ENV_VAR}=torch)")
+                        f"(float64 runs on the PyTorch path: {settings.BACKEND.name}=torch)")
     return True
 
 
-def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
-    """What the PyTorch paths accumulate in: fp32, or fp64 for fp64 inputs (which the kernels do not take)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def accumulate_dtype(t: torch.Tensor | torch.dtype) -> torch.dtype:
+    """What the PyTorch paths accumulate in, and what PDF's trained parameters are kept in, for a tensor or dtype:
+    fp32, or fp64 for fp64 (references and tests; the kernels do not take it)."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def new_output(like: torch.Tensor, shape: tuple[int, ...] | None = None,

@@ -491,10 +491,6 @@ def _local_grads(grad_out, y, mu, logvar, stats, others, kind: str):
     return tuple(backward(y, mu, logvar, path_stats, others, (n - 1) * b, alpha, beta, grad_out.reshape(1)))
 
 
-def _stats_dtype(y: torch.Tensor) -> torch.dtype:
-    return torch.float64 if y.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("pdfkernels::mim_loss", mutates_args=())
 def _mim_loss_op(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       torch.Tensor]:
@@ -505,7 +501,7 @@ def _mim_loss_op(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> tup
 @_mim_loss_op.register_fake
 def _(y, mu, logvar):
     n, _, d = y.shape
-    dtype = _stats_dtype(y)
+    dtype = backend.accumulate_dtype(y)
     return y.new_empty(()), y.new_empty((6, n, d), dtype=dtype), y.new_empty((2, n, d), dtype=dtype)
 
 

@@ -215,16 +215,12 @@ def _like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(_last_dim_contiguous(t))
 
 
-def _lse_shape(q: torch.Tensor, varlen: bool, triton_path: bool) -> tuple[int, ...]:
-    if not triton_path:  # the PyTorch path's layouts
-        return (q.shape[0], q.shape[1]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
-    return (q.shape[0], q.shape[1]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
-
-
 def _fake_forward(q, varlen: bool):
-    triton_path = backend.use_triton_for("prefix_attention", q)
-    dtype = torch.float32 if triton_path else backend.accumulate_dtype(q)
-    return _like(q), q.new_empty(_lse_shape(q, varlen, triton_path), dtype=dtype)
+    backend.use_triton_for("prefix_attention", q)  # refuses a dtype the kernels do not take, as the real op does
+    # both backends: log-sum-exp [T, H] packed, [B, L, H] padded, fp32 (fp64 for the fp64 inputs only the
+    # PyTorch path takes)
+    lse_shape = (q.shape[0], q.shape[1]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+    return _like(q), q.new_empty(lse_shape, dtype=backend.accumulate_dtype(q))
 
 
 def _fake_backward(q, k, v, prefix_k, prefix_v):

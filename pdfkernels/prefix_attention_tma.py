@@ -19,8 +19,6 @@ from .prefix_attention_kernels import (
     prefix_attention_fwd_kernel,
 )
 
-TMA_VAR = settings.TMA.name
-
 # which tile's rows each kernel's tensor descriptors deliver: key tiles (forward, dQ), query tiles (dK/dV,
 # dprefix)
 DESC_ROWS = {prefix_attention_fwd_kernel: "BLOCK_N", prefix_attention_bwd_dq_kernel: "BLOCK_N",
@@ -54,7 +52,7 @@ def use_tma(device: torch.device, dtype: torch.dtype, varlen: bool, tensors: tup
     compiled_gpu = device.type == "cuda" and not backend.interpreting()
     arch = arch_of(device)
     if mode == "1" and compiled_gpu and arch < 90:
-        raise RuntimeError(f"{TMA_VAR}=1 asks for tensor descriptors (TMA), which need sm_90 or newer; "
+        raise RuntimeError(f"{settings.TMA.name}=1 asks for tensor descriptors (TMA), which need sm_90 or newer; "
                            f"this GPU ({device}) takes the sm_80 kernels")
     if mode == "0" or (mode == "auto" and not compiled_gpu) or varlen or not tma_arch(dtype, arch):
         return False

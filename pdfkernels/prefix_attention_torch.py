@@ -8,9 +8,13 @@ visible keys in one softmax; a query row that sees no key gives zeros."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backend
+
+LOG2E = math.log2(math.e)  # the kernels keep the log-sum-exp in base 2 (they use EX2)
 
 _FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -56,22 +60,38 @@ def _probabilities(q, keys, visible, scale: float, lse: torch.Tensor | None = No
 
 def forward(q, k, v, pk, pv, path_ids, mask, causal: bool, scale: float,
             differentiable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (q's dtype) and the log-sum-exp ``[B, H, L]`` of each query's scores (fp32; fp64 for fp64).
+    """Output (q's dtype) and the log-sum-exp of each query's scores as the Triton kernels store it
+    (``_as_kernel_lse``; fp32, fp64 for fp64), so that either backend's forward pairs with either backward.
     ``differentiable``: the math written out, which autograd differentiates twice (the fused kernel's backward
     has no derivative): for second-order gradients."""
     keys, values = _keys(q, k, v, pk, pv, path_ids)
     if _fused(q) and not differentiable:
         bias = _bias(q, pk.shape[2], mask, causal, keys.dtype)
         out, lse = _FUSED(q.to(keys.dtype), keys, values, 0.0, False, attn_mask=bias, scale=scale)
-        return out.to(q.dtype), lse.contiguous()
+        return out.to(q.dtype), _as_kernel_lse(lse)
     p, lse = _probabilities(q, keys, _visible(q, pk.shape[2], mask, causal), scale)
-    return (p @ values).to(q.dtype), lse
+    return (p @ values).to(q.dtype), _as_kernel_lse(lse)
+
+
+def _as_kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L]`` natural log-sum-exp (-inf where a query sees no key) -> the kernels' ``[B, L, H]`` in base 2
+    (+inf there: their backward's exp2(s - lse) is then 0)."""
+    lse = torch.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    return lse.transpose(1, 2).contiguous()
+
+
+def _from_kernel_lse(lse: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_as_kernel_lse``."""
+    lse = lse.transpose(1, 2)
+    return torch.where(lse == float("inf"), float("-inf"), lse / LOG2E)
 
 
 def backward(do, q, k, v, pk, pv, path_ids, mask, out, lse, causal: bool, scale: float):
-    """dq, dk, dv, dprefix_k, dprefix_v (each in its input's dtype) from the forward's output and log-sum-exp."""
+    """dq, dk, dv, dprefix_k, dprefix_v (each in its input's dtype) from the forward's output and log-sum-exp
+    ``[B, L, H]``."""
     keys, values = _keys(q, k, v, pk, pv, path_ids)
     acc = keys.dtype
+    lse = _from_kernel_lse(lse)
     b, hkv, num_prefix = k.shape[0], k.shape[1], pk.shape[2]
     group = q.shape[1] // hkv
     do, out = do.to(acc), out.to(acc)
@@ -112,7 +132,7 @@ def forward_varlen(q, k, v, pk, pv, cu_seqlens, path_ids, causal: bool, scale: f
     for s, a, b in _sequences(cu_seqlens):
         o, m = forward(_padded(q, a, b), _padded(k, a, b), _padded(v, a, b), pk, pv, path_ids[s:s + 1], None, causal,
                        scale, differentiable)
-        out[a:b], lse[a:b] = o[0].transpose(0, 1), m[0].transpose(0, 1)
+        out[a:b], lse[a:b] = o[0].transpose(0, 1), m[0]
     return out, lse
 
 
@@ -121,7 +141,7 @@ def backward_varlen(do, q, k, v, pk, pv, cu_seqlens, path_ids, out, lse, causal:
     dpk, dpv = torch.zeros_like(pk), torch.zeros_like(pv)
     for s, a, b in _sequences(cu_seqlens):
         grads = backward(_padded(do, a, b), _padded(q, a, b), _padded(k, a, b), _padded(v, a, b), pk, pv,
-                         path_ids[s:s + 1], None, _padded(out, a, b), lse[a:b].transpose(0, 1)[None], causal, scale)
+                         path_ids[s:s + 1], None, _padded(out, a, b), lse[a:b][None], causal, scale)
         for full, g in zip((dq, dk, dv), grads[:3]):
             full[a:b] = g[0].transpose(0, 1)
         dpk += grads[3]

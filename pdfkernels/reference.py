@@ -10,11 +10,9 @@ import math
 
 import torch
 
+from .backend import accumulate_dtype
+
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor,
@@ -28,7 +26,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     The K prefix keys of ``path_ids[b]`` are visible to every query of row b; own key s is visible to
     query t when it is not padding and (if causal) ``s <= t``. A query with no visible key gives zeros.
     """
-    ct = _compute_dtype(q)
+    ct = accumulate_dtype(q)
     b, h, length, d = q.shape
     group = h // k.shape[1]
     num_prefix = prefix_k.shape[2]
@@ -73,7 +71,7 @@ def prefix_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
 
 def gaussian_loglik_pairwise(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``[B, B]`` matrix with entry ``[k, m] = log N(y_k; mu_m, diag(exp(logvar_m)))``, from ``[B, d]`` inputs."""
-    dtype, ct = y.dtype, _compute_dtype(y)
+    dtype, ct = y.dtype, accumulate_dtype(y)
     y, mu, logvar = y.to(ct), mu.to(ct), logvar.to(ct)
     diff = y[:, None, :] - mu[None, :, :]  # [B, B, d]
     terms = diff.square() * torch.exp(-logvar)[None] + logvar[None] + LOG_2PI
@@ -86,7 +84,7 @@ def mim_loss(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.T
     ``log q(y[i,k] | j,k) - mean_{m != k} log q(y[i,k] | j,m)``. Needs N >= 2 and B >= 2."""
     n, b, _ = y.shape
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=y.device)
-    total = y.new_zeros((), dtype=_compute_dtype(y))
+    total = y.new_zeros((), dtype=accumulate_dtype(y))
     for i in range(n):
         for j in range(n):
             if i == j:
@@ -101,7 +99,7 @@ def mim_loss(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.T
 def estimator_nll(y: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """The estimator's loss (Eq. 4) from ``[N, B, d]`` inputs:
     ``-mean over k and ordered pairs i != j of log q(y[i,k] | mu[j,k], logvar[j,k])``. Needs N >= 2."""
-    ct = _compute_dtype(y)
+    ct = accumulate_dtype(y)
     n = y.shape[0]
     total = y.new_zeros((), dtype=ct)
     for i in range(n):

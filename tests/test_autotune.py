@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from pdfkernels import autotune
+from pdfkernels import autotune, settings
 
 CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
 CPU = torch.device("cpu")
@@ -14,8 +14,8 @@ CPU = torch.device("cpu")
 def tuner(monkeypatch):
     """Tuning on as on a GPU (compiled, not interpreted), an empty cache, and a fake ``_bench`` that runs the
     launch once and reports the time the test assigned to that candidate."""
-    monkeypatch.delenv(autotune.ENV_VAR, raising=False)
-    monkeypatch.delenv(autotune.LOG_VAR, raising=False)
+    monkeypatch.delenv(settings.AUTOTUNE.name, raising=False)
+    monkeypatch.delenv(settings.AUTOTUNE_LOG.name, raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # only read at call time, by backend.interpreting()
     autotune.clear()
     state = {"times": {}, "benched": []}
@@ -46,16 +46,16 @@ def test_enabled_only_on_compiled_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not autotune.enabled(CUDA)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv(autotune.ENV_VAR, "0")
+    monkeypatch.setenv(settings.AUTOTUNE.name, "0")
     assert not autotune.enabled(CUDA)
-    monkeypatch.setenv(autotune.ENV_VAR, "1")
+    monkeypatch.setenv(settings.AUTOTUNE.name, "1")
     assert autotune.enabled(CUDA)
 
 
 @pytest.mark.parametrize("device,env", [(CPU, None), (CUDA, "0")])
 def test_disabled_returns_first_without_running(tuner, monkeypatch, device, env):
     if env is not None:
-        monkeypatch.setenv(autotune.ENV_VAR, env)
+        monkeypatch.setenv(settings.AUTOTUNE.name, env)
     tuner["times"] = {"a": 3.0, "b": 1.0}
     assert autotune.pick("fwd", (1,), ["a", "b"], runner(tuner), device) == "a"
     assert tuner["ran"] == [] and tuner["benched"] == []
@@ -122,7 +122,7 @@ def test_all_failing_raises_with_every_error(tuner):
 
 
 def test_bad_env_value_is_refused(tuner, monkeypatch):
-    monkeypatch.setenv(autotune.ENV_VAR, "yes")
+    monkeypatch.setenv(settings.AUTOTUNE.name, "yes")
     with pytest.raises(ValueError, match=r"PDFKERNELS_AUTOTUNE expected one of \('0', '1'\), got 'yes'"):
         autotune.pick("fwd", (1,), ["a", "b"], runner(tuner), CUDA)
     assert tuner["ran"] == []
@@ -134,7 +134,7 @@ def test_empty_candidates_are_refused(tuner):
 
 
 def test_log_line_per_new_choice(tuner, monkeypatch, capsys):
-    monkeypatch.setenv(autotune.LOG_VAR, "1")
+    monkeypatch.setenv(settings.AUTOTUNE_LOG.name, "1")
     tuner["times"] = {"a": 3.0, "b": 1.0}
     autotune.pick("fwd", (1,), ["a", "b"], runner(tuner), CUDA)
     autotune.pick("fwd", (1,), ["a", "b"], runner(tuner), CUDA)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import reference, settings
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def _reference_with_grads(fn, inputs):
 
 
 def _ours_with_grads(fn, inputs, use_triton, monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     ours = [t.clone().requires_grad_() for t in inputs]
     for t in ours:
         t.grad = None
@@ -86,14 +86,14 @@ def test_mim_loss_unrelated_inputs_error_bounded_by_term_scale(use_triton, monke
 
 def test_mim_loss_memory_is_linear_in_batch(monkeypatch):
     """No [B, B] or [B, B, d] tensor: a batch whose broadcast would need 2 GB runs in a few MB of float32."""
-    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "torch")
     y, mu, logvar = (torch.randn(2, 4096, 32) for _ in range(3))  # broadcast: 4096*4096*32*4 B = 2 GiB
     loss = pdfkernels.mim_loss(y, mu, logvar)
     assert torch.isfinite(loss)
 
 
 def test_triton_path_refuses_float64(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     y = torch.randn(2, 3, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64 runs on the PyTorch path"):
         pdfkernels.mim_loss(y, y, y)
@@ -114,7 +114,7 @@ def test_second_order_gradients_match_reference(op, use_triton, monkeypatch):
         return torch.autograd.grad(penalty, tensors)
 
     ref = hessian_vector(getattr(reference, op), [t.double().requires_grad_() for t in inputs])
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     got = hessian_vector(getattr(pdfkernels, op), [t.clone().requires_grad_() for t in inputs])
     for name, g, r in zip(("y", "mu", "logvar"), got, ref):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item(),

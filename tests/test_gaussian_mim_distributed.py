@@ -9,13 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pdfkernels
-from pdfkernels import backend
+from pdfkernels import backend, settings
 
 SPLIT = (3, 6)  # unequal per-rank batches: the counts travel with the statistics
 
 
 def _worker(rank: int, world: int, init_file: str, inputs, use_triton: bool, results) -> None:
-    os.environ[backend.ENV_VAR] = "triton" if use_triton else "torch"
+    os.environ[settings.BACKEND.name] = "triton" if use_triton else "torch"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         start = sum(SPLIT[:rank])
@@ -40,7 +40,7 @@ def test_two_ranks_equal_union_batch(use_triton, monkeypatch):
     n, d = 3, 10
     b = sum(SPLIT)
     inputs = [torch.randn(n, b, d), torch.randn(n, b, d), torch.rand(n, b, d) * 2 - 1]
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     union = [t.clone().requires_grad_() for t in inputs]
     union_loss = pdfkernels.mim_loss(*union)
     union_loss.backward()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import reference, settings
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def test_pairwise_and_gradients_match_reference(shape, dtype, use_triton, monkey
     upstream = torch.randn(b, b, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, exact, upstream)
 
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     ours_in = [t.clone().requires_grad_() for t in (y, mu, logvar)]
     out = pdfkernels.gaussian_loglik_pairwise(*ours_in)
     grads = torch.autograd.grad(out, ours_in, upstream.to(dtype))
@@ -61,7 +61,7 @@ def test_pairwise_accurate_where_the_gemm_form_cancels(use_triton, monkeypatch):
     y = mu + torch.randn(b, d) * 1e-3
     logvar = torch.full((b, d), -10.0)
     ref = reference.gaussian_loglik_pairwise(y.double(), mu.double(), logvar.double())
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     out = pdfkernels.gaussian_loglik_pairwise(y, mu, logvar)
     relative = (out.double() - ref).abs() / ref.abs()
     assert relative.max().item() < 1e-5, relative.diagonal().max().item()
@@ -71,7 +71,7 @@ def test_pairwise_accurate_where_the_gemm_form_cancels(use_triton, monkeypatch):
 def test_pairwise_nan_in_mu_poisons_only_its_column(use_triton, monkeypatch):
     y, mu, logvar = torch.randn(9, 5) + 3, torch.randn(9, 5) + 3, torch.rand(9, 5) - 0.5
     mu[4, 2] = float("nan")
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     out = pdfkernels.gaussian_loglik_pairwise(y, mu, logvar)
     expected = torch.zeros(9, 9, dtype=torch.bool)
     expected[:, 4] = True
@@ -93,7 +93,7 @@ def test_pairwise_second_order_gradients_match_reference(use_triton, monkeypatch
 
     exact = [t[:, ::2].double().requires_grad_() for t in base]
     ref = hessian_vector(reference.gaussian_loglik_pairwise, exact)
-    monkeypatch.setenv(backend.ENV_VAR, "triton" if use_triton else "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "triton" if use_triton else "torch")
     ours = [t.clone().requires_grad_() for t in base]
     got = hessian_vector(pdfkernels.gaussian_loglik_pairwise, [t[:, ::2] for t in ours])
     for g, r in zip(got, ref):

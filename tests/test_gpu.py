@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import reference
+from pdfkernels import reference, settings
 from pdfkernels.packing import cu_seqlens_from_lengths
 
 pytestmark = pytest.mark.gpu
@@ -89,8 +89,8 @@ def test_descriptor_kernels_on_hopper(tune, monkeypatch, kernel_device):
     from pdfkernels import autotune
     from pdfkernels import prefix_attention_tma as tma_policy
 
-    monkeypatch.setenv(autotune.ENV_VAR, tune)
-    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
+    monkeypatch.setenv(settings.AUTOTUNE.name, tune)
+    monkeypatch.setenv(settings.TMA.name, "auto")
     seen = []
     real = tma_policy.descriptors
     monkeypatch.setattr(tma_policy, "descriptors",

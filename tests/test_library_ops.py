@@ -11,12 +11,12 @@ import torch._dynamo
 
 import pdfkernels
 import pdfkernels.reference
-from pdfkernels import backend
+from pdfkernels import settings
 
 
 @pytest.fixture(autouse=True)
 def torch_path(monkeypatch):
-    monkeypatch.setenv(backend.ENV_VAR, "torch")  # the PyTorch path (CPU's default), also under TRITON_INTERPRET
+    monkeypatch.setenv(settings.BACKEND.name, "torch")  # the PyTorch path (CPU's default), also under TRITON_INTERPRET
     torch._dynamo.reset()
 
 
@@ -142,7 +142,7 @@ def test_second_order_gradients_through_the_ops():
 def test_opcheck_on_the_interpreted_triton_kernels(monkeypatch):
     """The same checks with the Triton kernels (under TRITON_INTERPRET on a CPU: the real launchers, fake
     implementations against them; small shapes, the interpreter is slow)."""
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     q, k, v, pk, pv, ids, mask = _attention_inputs()
     tq, tk, tv, tpk, tpv, cu, max_len, seq_ids = _varlen_inputs()
     y3, mu3, lv3 = _gaussian(2)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import reference, settings
 from pdfkernels.packing import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch, kernel_device):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     return kernel_device
 
 
@@ -210,3 +210,34 @@ def test_prefix_gradients_over_several_row_chunks(monkeypatch):
         runs.append(torch.autograd.grad(ours(*leaves), leaves[3:], upstream))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "packed"])
+def test_both_backends_share_one_lse_layout(varlen):
+    """The kernels' and the PyTorch path's forwards give the log-sum-exp in one layout ([B, L, H] padded,
+    [T, H] packed) with the same values, and either backward takes the other's: one layout, not two."""
+    op = importlib.import_module("pdfkernels.prefix_attention")  # the module; the package exports the function
+    torch_path = importlib.import_module("pdfkernels.prefix_attention_torch")
+
+    b, heads, kv_heads, length, d, n, k = 2, 4, 2, 7, 16, 2, 3
+    q, key, val = _hf_layout(b, length, heads, d, torch.float32), *(
+        _hf_layout(b, length, kv_heads, d, torch.float32) for _ in range(2))
+    pk, pv = torch.randn(n, kv_heads, k, d), torch.randn(n, kv_heads, k, d)
+    paths, scale = torch.tensor([1, 0]), d ** -0.5
+    if varlen:
+        cu = cu_seqlens_from_lengths(torch.tensor([length, length - 2]))
+        real = torch.arange(length)[None] < torch.tensor([[length], [length - 2]])
+        q, key, val = (padded_to_packed(t, real) for t in (q, key, val))
+        ours = op._triton_forward(q, key, val, pk, pv, paths, cu, None, length, True, scale, True)
+        theirs = torch_path.forward_varlen(q, key, val, pk, pv, cu, paths, True, scale)
+    else:
+        ours = op._triton_forward(q, key, val, pk, pv, paths, None, None, length, True, scale, False)
+        theirs = torch_path.forward(q, key, val, pk, pv, paths, None, True, scale)
+    assert ours[1].shape == theirs[1].shape == op._fake_forward(q, varlen)[1].shape
+    torch.testing.assert_close(ours[1], theirs[1].float(), rtol=1e-5, atol=1e-5)
+    if not varlen:  # the PyTorch backward on the kernels' forward gives the PyTorch path's own gradients
+        do = torch.randn_like(q)
+        mixed = torch_path.backward(do, q, key, val, pk, pv, paths, None, ours[0], ours[1], True, scale)
+        plain = torch_path.backward(do, q, key, val, pk, pv, paths, None, theirs[0], theirs[1], True, scale)
+        for name, g, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), mixed, plain):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

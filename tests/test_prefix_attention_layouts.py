@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import reference, settings
 from pdfkernels.packing import cu_seqlens_from_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +160,7 @@ sys.path.insert(0, {root!r})
 torch.set_default_device({device!r})
 torch.manual_seed({seed})
 from tests.test_prefix_attention_layouts import run_case
+from pdfkernels import settings
 run_case({name!r}, getattr(torch, {dtype!r}))
 print("ok")
 """
@@ -170,7 +171,7 @@ print("ok")
 def test_layout_matches_reference(name, dtype, kernel_device, fresh_seed):
     if dtype == "bfloat16" and name not in ("fused_qkv", "v_transposed", "varlen_strided_heads"):
         pytest.skip("16-bit runs a representative subset (the strides do not depend on the dtype)")
-    env = {**os.environ, backend.ENV_VAR: "triton", backend.POISON_VAR: "1"}
+    env = {**os.environ, settings.BACKEND.name: "triton", settings.POISON.name: "1"}
     if kernel_device.type != "cuda":
         env["TRITON_INTERPRET"] = "1"
     script = SCRIPT.format(root=str(ROOT), device=str(kernel_device), seed=fresh_seed, name=name, dtype=dtype)
@@ -182,7 +183,7 @@ def test_layout_matches_reference(name, dtype, kernel_device, fresh_seed):
 
 @pytest.fixture
 def triton_path(monkeypatch, kernel_device):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     return kernel_device
 
 

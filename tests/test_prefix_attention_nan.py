@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import backend, reference
+from pdfkernels import reference, settings
 from tests.test_prefix_attention import _assert_close, _hf_layout
 
 
 @pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
 def test_a_nan_in_one_path_leaves_the_other_paths_prefix_gradients_finite(monkeypatch, kernel_device, varlen):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     b, heads, kv_heads, length, d, n, k, dtype = 3, 4, 2, 7, 64, 2, 3, torch.float32
     q = _hf_layout(b, length, heads, d, dtype)
     key, val = _hf_layout(b, length, kv_heads, d, dtype), _hf_layout(b, length, kv_heads, d, dtype)

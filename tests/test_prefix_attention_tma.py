@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pdfkernels
-from pdfkernels import autotune, backend, reference
+from pdfkernels import autotune, reference, settings
 from pdfkernels import prefix_attention_tiles as tiles
 from pdfkernels import prefix_attention_tma as tma_policy
 from pdfkernels.packing import cu_seqlens_from_lengths
@@ -19,7 +19,7 @@ from tests.test_prefix_attention import _check_grads, _hf_layout, check_padded_c
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch, kernel_device):
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    monkeypatch.setenv(settings.BACKEND.name, "triton")
     return kernel_device
 
 
@@ -75,14 +75,14 @@ TMA_PADDED = [
                               f"-{str(c[9])[6:]}" for c in TMA_PADDED])
 def test_tma_kernels_match_reference(b, heads, kv_heads, length, d, n, k, padding, causal, dtype, monkeypatch,
                                      launches, tma_first):
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     check_padded_case(b, heads, kv_heads, length, d, n, k, padding, causal, dtype)
     assert launches == _expected(k)
 
 
 def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, launches):
     """Expanded keys (stride 0) and a query whose base is not 16-byte aligned: pointer kernels, same answer."""
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     b, heads, kv_heads, length, d, n, k, dtype = 2, 4, 2, 40, 64, 2, 20, torch.bfloat16
     flat = torch.randn(b * length * heads * d + 1).to(dtype)
     q = flat[1:].view(b, length, heads, d).transpose(1, 2)  # 2 bytes past an aligned base
@@ -101,7 +101,7 @@ def test_inputs_a_descriptor_cannot_describe_take_pointer_loads(monkeypatch, lau
 
 
 def test_packed_sequences_and_fp32_never_get_descriptors(monkeypatch, launches):
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     lengths, heads, kv_heads, d = [5, 19], 4, 2, 64
     cu = cu_seqlens_from_lengths(lengths)
     for dtype in (torch.bfloat16, torch.float32):
@@ -117,13 +117,13 @@ def test_packed_sequences_and_fp32_never_get_descriptors(monkeypatch, launches):
 def test_auto_mode_keeps_descriptors_to_gpus_and_off_switches_them_off(monkeypatch):
     t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
     cpu = torch.device("cpu")
-    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
+    monkeypatch.setenv(settings.TMA.name, "auto")
     assert not tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     assert tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(tma_policy.TMA_VAR, "0")
+    monkeypatch.setenv(settings.TMA.name, "0")
     assert not tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
-    monkeypatch.setenv(tma_policy.TMA_VAR, "yes")
+    monkeypatch.setenv(settings.TMA.name, "yes")
     with pytest.raises(ValueError, match="PDFKERNELS_TMA expected one of"):
         tma_policy.use_tma(cpu, torch.bfloat16, False, (t,))
 
@@ -135,11 +135,11 @@ def test_forcing_descriptors_on_a_gpu_without_tma_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call by backend.interpreting()
     t = _hf_layout(1, 16, 2, 64, torch.bfloat16)
     gpu = torch.device("cuda")
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     for dtype in (torch.bfloat16, torch.float32):
         with pytest.raises(RuntimeError, match="PDFKERNELS_TMA=1 .* need sm_90"):
             tma_policy.use_tma(gpu, dtype, False, (t,))
-    monkeypatch.setenv(tma_policy.TMA_VAR, "auto")
+    monkeypatch.setenv(settings.TMA.name, "auto")
     assert not tma_policy.use_tma(gpu, torch.bfloat16, False, (t,))
 
 
@@ -161,7 +161,7 @@ def test_descriptor_boxes_follow_the_launched_tiles():
 def test_gpus_time_every_variant_and_launch_the_fastest(monkeypatch, launches):
     """With autotuning on (faked here: the interpreter never tunes), each launch key times the descriptor
     and pointer variants once, launches the faster one afterwards, and the answer is right either way."""
-    monkeypatch.setenv(tma_policy.TMA_VAR, "1")
+    monkeypatch.setenv(settings.TMA.name, "1")
     monkeypatch.setattr(autotune, "enabled", lambda device: True)
     timed = []
 

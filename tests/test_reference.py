@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pdfkernels import reference
+from pdfkernels import reference, settings
 from pdfkernels.baselines import cat_sdpa_prefix_attention, club_broadcast_mim
 from pdfkernels.packing import cu_seqlens_from_lengths, packed_to_padded, padded_to_packed
 
@@ -168,9 +168,8 @@ def test_public_torch_path_equals_reference(padding, k, dtype, monkeypatch):
     """The public op's PyTorch path (SDPA on concatenated keys) against the literal reference, with left
     padding and K = 0 giving queries that see no key at all (they must return zeros)."""
     import pdfkernels
-    from pdfkernels import backend
 
-    monkeypatch.setenv(backend.ENV_VAR, "torch")
+    monkeypatch.setenv(settings.BACKEND.name, "torch")
     q, key, val, pk, pv, paths = (t.to(dtype) if t.is_floating_point() else t
                                   for t in _attention_inputs(3, 6, 2, 11, 16, 2, k))
     mask = _padding_mask(3, 11, padding)

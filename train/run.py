@@ -102,7 +102,7 @@ def demo_arguments() -> list[str]:
         print(f"train/run.py without arguments: running the built-in demo ({demo}: PDF on a generated shapes set "
               f"with the tiny random Qwen2-VL, 400 steps of 64, about 2 minutes on 2 CPU cores; output in "
               f"{Path('runs/demo').resolve()}, replaced on each bare run). The paper's settings for real data: "
-              f"--config {SHIPPED}/paper-qwen2vl-2b.yaml --model DIR --train-data ... (README, Training).",
+              f"--config {SHIPPED}/paper-qwen2vl-2b.yaml --model DIR --train-data ... (docs/training.md).",
               flush=True)
     return ["--config", str(demo), "--overwrite"]
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not config.train_data and not config.model.startswith("tiny"):
         raise ValueError(f"config: no 'train_data' given; the generated shapes set suits only the tiny presets, not "
-                         f"model {config.model!r}: pass MMEB training files with --train-data (README, Training)")
+                         f"model {config.model!r}: pass MMEB training files with --train-data (docs/training.md)")
     rank, world_size, device = setup_distributed()
     if config.global_batch % world_size:
         raise ValueError(f"config: 'global_batch' ({config.global_batch}) must divide by the {world_size} ranks")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pdfkernels import backend, models
+from pdfkernels import models, settings
 from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model, vision_tower
 from pdfkernels.models.patch import last_token
 from tests.models.builders import KINDS, build_inputs, build_model, mm_token_types
@@ -141,7 +141,7 @@ def test_triton_backend_matches_torch_path(kind, monkeypatch):
     inputs = build_inputs(kind, model, "left")
     with torch.no_grad():
         expected = models.encode(model, inputs, [0, 1])
-        monkeypatch.setenv(backend.ENV_VAR, "triton")
+        monkeypatch.setenv(settings.BACKEND.name, "triton")
         got = models.encode(model, inputs, [0, 1])
     assert _rel(got, expected) <= 1e-4
 
