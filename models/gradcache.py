@@ -55,15 +55,20 @@ def _backward(loss: torch.Tensor) -> None:
 
 @dataclasses.dataclass
 class Hooks:
-    """What a trainer changes in the step. ``loss_backward(loss)``: stage 2's backward (a GradScaler scales
-    here; the cached gradients then carry the scale into every chunk). ``chunk_backward(surrogate, last)``: a
-    chunk's re-forward backward, ``last`` True for the step's last chunk (DDP: ``no_sync`` on the others;
-    DeepSpeed: the engine's backward). ``reduce()``: once after the last chunk (data parallelism without a
-    wrapper). ``random_state()``: a state to replay (``RandomState`` on the trainer's device)."""
+    """What a trainer changes in the step.
+
+    - ``loss_backward(loss)``: stage 2's backward (a GradScaler scales here; the cached gradients then carry
+      the scale into every chunk);
+    - ``chunk_context(last)``: around a chunk's re-forward and backward, ``last`` True for the step's last
+      chunk (DDP: ``no_sync`` on the others);
+    - ``chunk_backward(surrogate, last)``: a chunk's backward (DeepSpeed: the engine's);
+    - ``reduce()``: once after the last chunk (data parallelism without a wrapper);
+    - ``random_state()``: a state to replay (``RandomState`` on the trainer's device)."""
 
     random_state: Callable[[], RandomState] = RandomState
     loss_backward: Callable[[torch.Tensor], None] = _backward
     chunk_backward: Callable[[torch.Tensor, bool], None] = lambda surrogate, last: surrogate.backward()
+    chunk_context: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext()
     reduce: Callable[[], None] = lambda: None
 
 
@@ -159,11 +164,13 @@ def gradcache_step(encode: Callable[[str, object], torch.Tensor], batch: Batch, 
     for side, chunks in sides:
         grad, offset = leaves[side].grad, 0
         for index, (chunk, state) in enumerate(zip(chunks, states[side])):
-            with state.replay():
-                chunk_reps = encode(side, chunk).float()
-            rows = chunk_reps.shape[1]
-            surrogate = torch.dot(chunk_reps.flatten(), grad[:, offset:offset + rows].flatten())
-            hooks.chunk_backward(surrogate, (side, index) == last)
+            is_last = (side, index) == last
+            with hooks.chunk_context(is_last):
+                with state.replay():
+                    chunk_reps = encode(side, chunk).float()
+                rows = chunk_reps.shape[1]
+                surrogate = torch.dot(chunk_reps.flatten(), grad[:, offset:offset + rows].flatten())
+                hooks.chunk_backward(surrogate, is_last)
             offset += rows
     hooks.reduce()
     metrics[names.LOSS] = loss.detach()

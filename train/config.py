@@ -114,7 +114,7 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
         try:
-            self.objective
+            _ = self.objective
         except ObjectiveError as error:
             raise ConfigError(f"config: {error}") from None
 
