@@ -44,7 +44,7 @@ from pdfkernels.models.anatomy import hf_model
 from pdfkernels.models.gradcache import NEGATIVE, QUERY, TARGET, Batch, Heads, gradcache_step
 from pdfkernels.models.objective import Objective, ObjectiveError
 
-from .vlm2vec_backward import accumulation_steps, check_deepspeed, trainer_hooks
+from .vlm2vec_backward import accumulation_steps, check_deepspeed, deepspeed_stage, trainer_hooks
 from .vlm2vec_inputs import split_inputs, split_rows, to_device
 
 PDF_FILE = "pdf.safetensors"
@@ -123,6 +123,8 @@ class PDFTrainerMixin:
         _patch(model, self.pdf_settings)
         self.pdf_aggregator, self.pdf_estimator = build_heads(model, self.pdf_settings)
         self.pdf_metrics: dict[str, float] = {}
+        self.pdf_aggregator_optimizer = None  # DeepSpeed only (create_optimizer)
+        self._pdf_aggregator_state = None  # its state from a checkpoint, loaded when it is built
         super().__init__(*args, **kwargs)
         check_deepspeed(self)
         for head in (self.pdf_aggregator, self.pdf_estimator):
@@ -138,9 +140,22 @@ class PDFTrainerMixin:
         if self.pdf_aggregator is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             params = [p for p in self.pdf_aggregator.parameters() if id(p) not in held]
-            if params:
-                optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+            group = {"params": params, "weight_decay": self.args.weight_decay}
+            if params and deepspeed_stage(self) is None:
+                optimizer.add_param_group(group)
+            elif params:  # ZeRO takes only the engine's parameters: the aggregator gets an optimizer of the same kind
+                cls, options = self.get_optimizer_cls_and_kwargs(self.args)
+                self.pdf_aggregator_optimizer = cls([group], **options)
+                if self._pdf_aggregator_state is not None:
+                    self.pdf_aggregator_optimizer.load_state_dict(self._pdf_aggregator_state)
         return optimizer
+
+    def pdf_step_aggregator(self, lr: float) -> None:
+        """Under DeepSpeed, after the engine's step: the aggregator's, at the engine's learning rate of it."""
+        if self.pdf_aggregator_optimizer is not None:
+            for group in self.pdf_aggregator_optimizer.param_groups:
+                group["lr"] = lr
+            self.pdf_aggregator_optimizer.step()
 
     # --- the step
     def _pdf_temperature(self) -> float:

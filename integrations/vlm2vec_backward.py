@@ -70,8 +70,11 @@ def trainer_hooks(trainer, model: torch.nn.Module) -> Hooks:
         def chunk_backward(surrogate: torch.Tensor, last: bool) -> None:
             engine.set_gradient_accumulation_boundary(is_boundary=last and sync)
             engine.backward(surrogate, scale_wrt_gas=False)  # already divided by the accumulation steps
-            if last and sync:
+            if last and sync:  # accelerate's backward under DeepSpeed steps here; the Trainer's step is a no-op
+                lr = engine.optimizer.param_groups[0]["lr"]  # this step's (the engine's step moves the schedule)
                 engine.step()
+                if getattr(engine, "was_step_applied", lambda: True)():  # fp16: skipped on an overflow
+                    trainer.pdf_step_aggregator(lr)
 
         return Hooks(random_state=lambda: RandomState(device), loss_backward=loss_backward,
                      chunk_backward=chunk_backward)
