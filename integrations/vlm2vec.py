@@ -49,9 +49,10 @@ from .vlm2vec_inputs import split_inputs, split_rows, to_device
 
 PDF_FILE = "pdf.safetensors"
 ESTIMATOR_OPTIMIZER_FILE = "pdf_estimator_optimizer.pt"
+AGGREGATOR_OPTIMIZER_FILE = "pdf_aggregator_optimizer.pt"  # DeepSpeed only (elsewhere in the Trainer's optimizer)
 
-__all__ = ["ESTIMATOR_OPTIMIZER_FILE", "PDF_FILE", "PDFSettings", "PDFTrainerMixin", "load_checkpoint",
-           "pdf_trainer"]
+__all__ = ["AGGREGATOR_OPTIMIZER_FILE", "ESTIMATOR_OPTIMIZER_FILE", "PDF_FILE", "PDFSettings", "PDFTrainerMixin",
+           "load_checkpoint", "pdf_trainer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,23 +205,48 @@ class PDFTrainerMixin:
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         models.save_pdf(os.path.join(output_dir, PDF_FILE), self.model, self.pdf_aggregator, self.pdf_estimator)
-        if self.pdf_estimator_optimizer is not None:
-            torch.save(self.pdf_estimator_optimizer.state_dict(), os.path.join(output_dir, ESTIMATOR_OPTIMIZER_FILE))
+        for optimizer, name in ((self.pdf_estimator_optimizer, ESTIMATOR_OPTIMIZER_FILE),
+                                (self.pdf_aggregator_optimizer, AGGREGATOR_OPTIMIZER_FILE)):
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), os.path.join(output_dir, name))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
-        path = os.path.join(resume_from_checkpoint, PDF_FILE)
+    def _pdf_file(self, checkpoint: str) -> str:
+        path = os.path.join(checkpoint, PDF_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} holds no {PDF_FILE}: it was written "
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no {PDF_FILE}: it was written "
                              f"by a run without PDF, and a PDF run does not continue from it (start the PDF run "
                              f"afresh, or resume this checkpoint with the plain trainer)")
-        super()._load_from_checkpoint(resume_from_checkpoint, model)  # VLM2Vec rebuilds self.model, unpatched
-        target = self.model if model is None or not hasattr(model, "encode_input") else model
+        return path
+
+    def _pdf_load(self, checkpoint: str, target: nn.Module) -> None:
+        """The prefix (into ``target``), the heads and their optimizers' states from ``checkpoint``."""
         _patch(target, self.pdf_settings)
-        models.load_pdf(path, target, self.pdf_aggregator, self.pdf_estimator)
+        models.load_pdf(self._pdf_file(checkpoint), target, self.pdf_aggregator, self.pdf_estimator)
         if self.pdf_estimator_optimizer is not None:
-            state = torch.load(os.path.join(resume_from_checkpoint, ESTIMATOR_OPTIMIZER_FILE), weights_only=True,
-                               map_location="cpu")
-            self.pdf_estimator_optimizer.load_state_dict(state)
+            self.pdf_estimator_optimizer.load_state_dict(torch.load(
+                os.path.join(checkpoint, ESTIMATOR_OPTIMIZER_FILE), weights_only=True, map_location="cpu"))
+        if deepspeed_stage(self) is not None and self.pdf_aggregator is not None:  # loaded when it is built
+            self._pdf_aggregator_state = torch.load(os.path.join(checkpoint, AGGREGATOR_OPTIMIZER_FILE),
+                                                    weights_only=True, map_location="cpu")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None):
+        self._pdf_file(resume_from_checkpoint)  # refused before anything loads
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # VLM2Vec rebuilds self.model, unpatched
+        self._pdf_load(resume_from_checkpoint, self.model if model is None or not hasattr(model, "encode_input")
+                       else model)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Under DeepSpeed the Trainer resumes through the engine's checkpoint (the model, prefix included) and
+        never calls ``_load_from_checkpoint``: the heads and their optimizers are loaded here."""
+        if resume_from_checkpoint and deepspeed_stage(self) is not None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint:
+                self._pdf_load(str(checkpoint), self.model)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 def pdf_trainer(base: type, **settings) -> type:

@@ -39,7 +39,22 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return named
 
 
-def _worker(rank, world, port, folder, stage):
+class Metrics:
+    """The PDF terms of every optimizer step (a TrainerCallback by duck typing)."""
+
+    def __init__(self):
+        self.trainer, self.steps = None, []
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(dict(self.trainer.pdf_metrics))
+
+
+def _worker(rank, world, port, folder, stage, steps=1, resume=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -49,28 +64,34 @@ def _worker(rank, world, port, folder, stage):
     PartialState._reset_state()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        rows = make_rows(BATCH * world, seed=1)[rank * BATCH:(rank + 1) * BATCH]
         extra = {} if stage is None else {"deepspeed": _config(stage)}
-        args = training_args(os.path.join(folder, str(stage)), ddp_backend="gloo", optim="sgd", learning_rate=LR,
-                             **extra)
+        rows = make_rows(BATCH * world * steps, seed=1)
+        rows = [r for i, r in enumerate(rows) if (i // BATCH) % world == rank]  # each rank its own rows per step
+        out = os.path.join(folder, f"{stage}-{resume is not None}")
+        args = training_args(out, ddp_backend="gloo", optim="sgd", learning_rate=LR, max_steps=steps,
+                             save_strategy="steps" if steps > 1 else "no", save_steps=max(1, steps // 2), **extra)
         cls, model_args = vlm2vec.pdf_trainer(GradCacheTrainer, **SETTINGS), ModelArgs()
         try:
+            metrics = Metrics()
             trainer = cls(model=MMEBModel.build(model_args), args=args, train_dataset=rows,
-                          data_collator=Collator("right"), model_args=model_args)
+                          data_collator=Collator("right"), model_args=model_args, callbacks=[metrics])
+            metrics.trainer = trainer
         except ValueError as error:
             torch.save({"refused": str(error)}, os.path.join(folder, f"{stage}-rank{rank}.pt"))
             return
         before = _weights(trainer)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=None if resume is None else os.path.join(folder, resume))
         after = _weights(trainer)
         torch.save({"update": {n: after[n] - before[n] for n in before}, "metrics": trainer.pdf_metrics,
-                    "wrapped": type(trainer.model_wrapped).__name__}, os.path.join(folder, f"{stage}-rank{rank}.pt"))
+                    "steps": metrics.steps, "after": after, "wrapped": type(trainer.model_wrapped).__name__},
+                   os.path.join(folder, f"{stage}-rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def _run(folder, stage, world=2):
-    mp.start_processes(_worker, args=(world, _free_port(), str(folder), stage), nprocs=world, start_method="fork")
+def _run(folder, stage, world=2, steps=1, resume=None):
+    mp.start_processes(_worker, args=(world, _free_port(), str(folder), stage, steps, resume), nprocs=world,
+                       start_method="fork")
     return [torch.load(folder / f"{stage}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -92,3 +113,17 @@ def test_zero3_is_refused_when_the_trainer_is_built(tmp_path):
     ranks = _run(tmp_path, 3, world=1)
     message = ranks[0]["refused"]
     assert "ZeRO-3 is not supported" in message and "no_sync" in message and "ZeRO-2" in message
+
+
+def test_a_zero2_run_resumed_from_its_checkpoint_continues_as_the_straight_run(tmp_path):
+    straight = _run(tmp_path, 2, steps=4)
+    files = os.listdir(tmp_path / "2-False" / "checkpoint-2")
+    assert {vlm2vec.PDF_FILE, vlm2vec.ESTIMATOR_OPTIMIZER_FILE, vlm2vec.AGGREGATOR_OPTIMIZER_FILE} <= set(files)
+    resumed = _run(tmp_path, 2, steps=4, resume="2-False/checkpoint-2")
+    for before, after in zip(straight, resumed):
+        assert len(before["steps"]) == 4 and len(after["steps"]) == 2
+        for want, got in zip(before["steps"][2:], after["steps"]):
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+        for name, value in before["after"].items():
+            torch.testing.assert_close(after["after"][name], value, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, k=name: f"{k}: {m}")
