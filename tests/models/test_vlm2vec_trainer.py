@@ -44,7 +44,8 @@ class Record(TrainerCallback):
         t = self.trainer
         state = {"prefix": models.pdf_parameters(t.model)[0].detach().clone()}
         for name, head in (("aggregator", t.pdf_aggregator), ("estimator", t.pdf_estimator)):
-            state.update({f"{name}.{k}": v.detach().clone() for k, v in head.state_dict().items()})
+            if head is not None:  # (no estimator without MIM)
+                state.update({f"{name}.{k}": v.detach().clone() for k, v in head.state_dict().items()})
         return state
 
     def on_train_begin(self, args, state, control, **kwargs):
