@@ -18,6 +18,7 @@ from tests.models.vlm2vec_trainer_doubles import (
     GradCacheTrainer,
     MMEBModel,
     ModelArgs,
+    gloo_rank,
     make_rows,
     training_args,
 )
@@ -55,15 +56,7 @@ class Metrics:
 
 
 def _worker(rank, world, port, folder, stage, steps=1, resume=None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)  # a forked child must not inherit the parent's one-process state
-    PartialState._reset_state()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         extra = {} if stage is None else {"deepspeed": _config(stage)}
         rows = make_rows(BATCH * world * steps, seed=1)
         rows = [r for i, r in enumerate(rows) if (i // BATCH) % world == rank]  # each rank its own rows per step
@@ -85,8 +78,6 @@ def _worker(rank, world, port, folder, stage, steps=1, resume=None):
         torch.save({"update": {n: after[n] - before[n] for n in before}, "metrics": trainer.pdf_metrics,
                     "steps": metrics.steps, "after": after, "wrapped": type(trainer.model_wrapped).__name__},
                    os.path.join(folder, f"{stage}-rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _run(folder, stage, world=2, steps=1, resume=None):

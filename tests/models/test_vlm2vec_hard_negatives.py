@@ -24,6 +24,7 @@ from tests.models.vlm2vec_trainer_doubles import (
     MMEBModel,
     ModelArgs,
     add_negatives,
+    gloo_rank,
     make_rows,
     training_args,
 )
@@ -101,21 +102,11 @@ def test_loss_and_gradients_equal_the_float64_objective(tmp_path, layout):
 
 
 def _worker(rank, world, port, folder, counts):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)  # a forked child must not inherit the parent's one-process state
-    PartialState._reset_state()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         rows = _rows(counts, seed=8)[rank * BATCH:(rank + 1) * BATCH]
         trainer, record = _trainer(folder, rows, "grouped", ddp_backend="gloo")
         trainer.train()
         torch.save(record.steps[0], os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_processes_equal_the_float64_objective_on_the_union_batch(tmp_path):

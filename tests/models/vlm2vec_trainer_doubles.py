@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import peft
@@ -226,3 +227,21 @@ def training_args(output_dir: str, **overrides) -> TrainingArgs:
                   dataloader_num_workers=0)
     values.update(overrides)
     return TrainingArgs(**values)
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """A forked worker as torchrun would start it: environment, one thread, a fresh accelerate state, a gloo
+    process group (destroyed at the end)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)  # a forked child must not inherit the parent's one-process state
+    PartialState._reset_state()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
