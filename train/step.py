@@ -14,6 +14,7 @@ import torch
 from pdfkernels import models
 from pdfkernels.models.contrastive import pdf_contrastive
 from pdfkernels.models.gradcache import QUERY, TARGET, Batch, Heads, Hooks, RandomState, gradcache_step
+from pdfkernels.models.objective import LOSS_AGG, LOSS_PATH
 
 from .losses import path_cosine, world
 from .metrics import embedding_norms, prefix_cosine
@@ -57,7 +58,7 @@ def contrastive_loss(q: torch.Tensor, t: torch.Tensor, aggregator, config,
     negatives ``[N, M, d]`` added to every query's candidates)."""
     loss, agg, per_path = pdf_contrastive(q, t, aggregator, config.temperature, config.lambda_con,
                                           negatives=negatives)
-    return loss, {"loss_agg": agg.detach(), "loss_path": per_path.detach()}
+    return loss, {LOSS_AGG: agg.detach(), LOSS_PATH: per_path.detach()}
 
 
 def train_step(parts: Parts, query_chunks: list[dict], target_chunks: list[dict], config,
