@@ -9,13 +9,17 @@ way ``check_vlm2vec_real.py`` does. A tiny random Qwen2-VL saved locally, ``MMEB
 text-only batches of 4 in GradCache chunks of 2, one process. Checks: the PDF trainer's step runs on the real
 classes and moves every prefix element in bf16 at lr 2e-5; ``_save`` writes ``pdf.safetensors`` beside the
 real adapters; the real ``_load_from_checkpoint`` (``MMEBModel.load``) is followed by our re-apply and load
-(bit-exact prefix). Then the step time, side by side, interleaved: VLM2Vec's own GradCache step
+(bit-exact prefix); hard negatives in VLM2Vec's ``b3``/``v2.2`` target layout (each query's positive then its
+negatives, a query with fewer padded with an empty text) through the real classes give the loss and gradients
+of the objective written out in float64 on the same embeddings (model cast to fp32 for that check, the padded
+negative left out and counted). Then the step time, side by side, interleaved: VLM2Vec's own GradCache step
 (``trainer.gc``, as its DDP branch calls it), the same with the drop-in (``apply_pdf`` + ``use_paths(model, 0)``),
 and the full PDF ``training_step``. Nothing of VLM2Vec is copied into this repository.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import tempfile
@@ -74,6 +78,73 @@ def _batch(rows: int, seed: int) -> dict:
         ids[b, length - n:] = torch.randint(10, 100, (n,), generator=generator)
         mask[b, length - n:] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _grouped(rows: int, per_query: int, missing: int, seed: int) -> dict:
+    """VLM2Vec's b3/v2.2 target batch: per query its positive then ``per_query`` negatives; the last query has
+    ``missing`` fewer, padded with empty texts (the ids of ``' '``: a real tokenizer gives tokens for '')."""
+    batch = _batch(rows * (1 + per_query), seed)
+    texts = []
+    for k in range(rows):
+        real = per_query - (missing if k == rows - 1 else 0)
+        texts += ["pos"] + ["neg"] * real + [""] * (per_query - real)
+    return {**batch, "text": texts}
+
+
+def _info_nce64(q, t, n, temperature):
+    candidates = torch.cat([t, n])
+    sims = (q / q.norm(dim=-1, keepdim=True)) @ (candidates / candidates.norm(dim=-1, keepdim=True)).T / temperature
+    return (torch.logsumexp(sims, dim=1) - sims.diagonal()).mean()
+
+
+def _check_hard_negatives(loaded, folder, base, targs) -> list[tuple[str, str, bool]]:
+    """The PDF step with 2 hard negatives per query against the objective written out in float64."""
+    model, margs = _model(loaded, folder)
+    model.float()  # fp32 for a tight comparison (the prefix is fp32 already)
+    trainer = pdf.pdf_trainer(base, num_paths=2, prefix_len=4, lambda_mim=0.0, hard_negatives=2)(
+        model=model, args=targs, model_args=margs, max_length=512)
+    trainer.create_optimizer()
+    q, t = _batch(4, 5), _grouped(4, 2, 1, 6)
+    trainer.model.train()
+    # VLM2Vec's vendored Qwen2-VL computes multimodal positions (left padding respected) on its first forward
+    # only and caches rope_deltas; every later call without cache_position uses 0..L-1. One forward first, so
+    # that every call below takes the same position rule (the chunked step's and the direct computation's)
+    with torch.no_grad(), models.use_paths(trainer.model, 0):
+        trainer.model(qry=q)
+    trainer.training_step(trainer.model, (q, t))
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    got.update({f"aggregator.{n}": p.grad.clone() for n, p in trainer.pdf_aggregator.named_parameters()})
+    skipped = trainer.pdf_metrics["negatives_skipped"]
+    for p in [*trainer.model.parameters(), *trainer.pdf_aggregator.parameters()]:
+        p.grad = None
+
+    # direct: one forward per side, no chunks; the padded negative (the last query's second) left out
+    rows = list(range(t["input_ids"].shape[0]))
+    pos = [k * 3 for k in range(4)]
+    neg = [r for r in rows if r not in pos and t["text"][r]]
+    with models.use_paths(trainer.model, [0, 1]):
+        def reps(batch):
+            out = trainer.model(qry=batch)["qry_reps"]
+            return out.float().view(2, -1, out.shape[-1]).double()
+
+        qr = reps(q)
+        tr = reps({k: v[pos] for k, v in t.items() if k != "text"})
+        nr = reps({k: v[neg] for k, v in t.items() if k != "text"})
+    agg64 = copy.deepcopy(trainer.pdf_aggregator).double()
+    temperature = trainer.model.temperature
+    loss = _info_nce64(agg64(qr), agg64(tr), agg64(nr), temperature)
+    loss = loss + sum(_info_nce64(qr[i], tr[i], nr[i], temperature) for i in range(2)) / 2
+    loss.backward()
+    want = {n: p.grad.float() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    want.update({f"aggregator.{n}": p.grad.float() for n, p in agg64.named_parameters()})
+    worst = max(((got[n] - w).abs().max() / w.abs().max().clamp(min=1e-12)).item() for n, w in want.items())
+    same_keys = set(got) == set(want) and any("pdf_prefix" in n for n in want)
+    loss_error = abs(trainer.pdf_metrics["loss"] - loss.item()) / abs(loss.item())
+    return [("hard negatives (b3 layout, 2 per query, one padded): padded slots counted", f"{skipped:.0f}",
+             skipped == 1),
+            ("hard negatives: loss vs float64 objective, relative error", f"{loss_error:.1e}", loss_error < 1e-5),
+            ("hard negatives: gradients vs float64 objective, worst relative error", f"{worst:.1e} over "
+             f"{len(want)} tensors", same_keys and worst < 1e-4)]
 
 
 def _model(loaded, folder):
@@ -166,6 +237,8 @@ def main() -> int:
     step("pdf")
     loss = trainer.pdf_metrics["loss"]
     rows.append(("a step after the resume", f"loss {loss:.3f}", loss == loss))
+
+    rows += _check_hard_negatives(loaded, folder, base, targs)
 
     # step times, interleaved
     times = {kind: [] for kind in trainers}

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pdfkernels.models.objective import Objective, ObjectiveError
+
 # VLM2Vec's LoRA/DoRA targets; in Hugging Face Qwen2-VL they match the text model's q/k/v/o/down_proj only.
 VLM2VEC_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)"
 
@@ -16,9 +18,14 @@ class ConfigError(ValueError):
     """A setting that cannot work, refused before anything is read or written."""
 
 
+# TrainConfig's fields that are the objective's settings (models/objective.py checks them; one set for both
+# trainers)
+OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(Objective))
+
+
 @dataclass
 class TrainConfig:
-    # PDF (paper §4.1)
+    # PDF (paper §4.1); their checks: models/objective.py
     num_paths: int = 2
     prefix_len: int = 20
     lambda_mim: float = 1e-4
@@ -70,15 +77,12 @@ class TrainConfig:
     report_to: str = ""  # also log metrics to "tensorboard" or "wandb" (when installed)
 
     def __post_init__(self) -> None:
-        for name, low in (("num_paths", 1), ("prefix_len", 0), ("lambda_mim", 0), ("lambda_con", 0),
-                          ("steps", 1), ("global_batch", 2), ("chunk_size", 1),
+        for name, low in (("steps", 1), ("global_batch", 2), ("chunk_size", 1),
                           ("checkpoint_every", 1), ("log_every", 1), ("keep_checkpoints", 0), ("stop_after", 0),
-                          ("warmup_steps", 0), ("lr", 0), ("estimator_lr", 0), ("max_grad_norm", 0),
-                          ("estimator_steps", 1), ("mi_negative_run", 1), ("mi_warn_every", 1)):
+                          ("warmup_steps", 0), ("lr", 0), ("max_grad_norm", 0),
+                          ("mi_negative_run", 1), ("mi_warn_every", 1)):
             if not getattr(self, name) >= low:  # `not >=` also refuses NaN
                 raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
-        if not 0 < self.temperature < float("inf"):  # InfoNCE divides by it: 0 gives NaN losses at once
-            raise ConfigError(f"config: 'temperature' expected a positive finite number, got {self.temperature}")
         if self.resume and self.overwrite:
             raise ConfigError("config: 'resume' and 'overwrite' exclude each other (continue the run in out_dir, "
                              "or replace it)")
@@ -86,8 +90,7 @@ class TrainConfig:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ConfigError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
-        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("hard_negatives", 0),
-                          ("image_resolution", 0)):
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_resolution", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:
@@ -103,15 +106,6 @@ class TrainConfig:
 
     def _check_combinations(self) -> None:
         """Settings that are each valid but cannot work together, or would fail only at the first step."""
-        if self.num_paths == 1 and self.lambda_mim > 0:
-            raise ConfigError(f"config: 'lambda_mim' ({self.lambda_mim}) needs 'num_paths' >= 2 (MIM is between "
-                             f"paths; with one path it would be silently off): pass --lambda-mim 0, --prefix-only "
-                             f"or --num-paths 2")
-        if self.num_paths == 1 and self.track_mi:
-            raise ConfigError("config: 'track_mi' needs 'num_paths' >= 2 (the MI estimate is between paths)")
-        if self.num_paths > 1 and self.prefix_len == 0:
-            raise ConfigError(f"config: 'num_paths' {self.num_paths} needs 'prefix_len' >= 1 (the paths differ only "
-                             f"by their prefixes); --baseline trains without a prefix")
         weights = self.subset_weights
         if weights and not (all(0 <= w < float("inf") for w in weights) and sum(weights) > 0):
             raise ConfigError(f"config: 'subset_weights' expected finite weights >= 0 with a positive sum, got "
@@ -119,14 +113,23 @@ class TrainConfig:
         # the sampler seeds a torch.Generator with seed * 1_000_003 + step, which must stay below 2**64
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise ConfigError(f"config: 'seed' expected an integer in [0, 2**32), got {self.seed!r}")
+        try:
+            _ = self.objective
+        except ObjectiveError as error:
+            raise ConfigError(f"config: {error}") from None
+
+    @property
+    def objective(self) -> Objective:
+        """The objective's settings (the same dataclass as the VLM2Vec integration's)."""
+        return Objective(**{name: getattr(self, name) for name in OBJECTIVE_FIELDS})
 
     @property
     def uses_mim(self) -> bool:
-        return self.num_paths > 1 and self.lambda_mim > 0
+        return self.objective.uses_mim
 
     @property
     def trains_estimator(self) -> bool:
-        return self.uses_mim or (self.num_paths > 1 and self.track_mi)
+        return self.objective.trains_estimator
 
 
 SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml, the paper's settings per backbone, Table 3

@@ -10,8 +10,10 @@ import math
 
 import torch
 
+from pdfkernels.models.objective import LOSS, LOSS_AGG, LOSS_ESTIMATOR, LOSS_PATH, MI_ESTIMATE
+
 # the step's metrics that must be finite, components first so that the message names the cause
-TERMS = ("loss_agg", "loss_path", "mi_estimate", "loss_estimator", "grad_norm", "loss")
+TERMS = (LOSS_AGG, LOSS_PATH, MI_ESTIMATE, LOSS_ESTIMATOR, "grad_norm", LOSS)
 
 
 class NonFiniteError(RuntimeError):

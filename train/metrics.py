@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pdfkernels import models
+from pdfkernels.models.objective import LOSS_ESTIMATOR, MI_ESTIMATE
 
 log = logging.getLogger("pdf")
 
@@ -41,7 +42,7 @@ def progress_fields(metrics: dict) -> str:
     """The diagnostic part of the progress line: only the terms this run records."""
     fields = [("cos", "path_cosine", ".3f"), ("prefix cos", "prefix_cosine", ".3f"),
               ("update cos", "prefix_update_cosine", ".3f"),
-              ("est", "loss_estimator", ".2f"), ("MI", "mi_estimate", ".3f")]
+              ("est", LOSS_ESTIMATOR, ".2f"), ("MI", MI_ESTIMATE, ".3f")]
     text = " ".join(f"{label} {metrics[key]:{fmt}}" for label, key, fmt in fields if key in metrics)
     norms = [metrics[k] for k in sorted(metrics) if k.startswith("emb_norm_")]
     if norms:
@@ -78,7 +79,7 @@ class NegativeMIWatch:
 
     def update(self, metrics: dict) -> bool:
         """Feed one step's metrics; returns whether it warned. Steps without an MI estimate are ignored."""
-        mi = metrics.get("mi_estimate")
+        mi = metrics.get(MI_ESTIMATE)
         if mi is None:
             return False
         if mi >= 0:

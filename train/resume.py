@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pdfkernels.models.objective import uses_mim
+
 from . import checkpoint
 
 log = logging.getLogger("pdf")
@@ -32,7 +34,7 @@ class ResumeError(ValueError):
 
 
 def _uses_mim(values: dict) -> bool:
-    return values.get("num_paths", 1) > 1 and values.get("lambda_mim", 0) > 0
+    return uses_mim(values.get("num_paths", 1), values.get("lambda_mim", 0))
 
 
 def compare(saved: dict, config, path: Path) -> list[str]:

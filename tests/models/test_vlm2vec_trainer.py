@@ -20,6 +20,7 @@ from tests.models.vlm2vec_trainer_doubles import (
     GradCacheTrainer,
     MMEBModel,
     ModelArgs,
+    gloo_rank,
     make_rows,
     training_args,
 )
@@ -44,7 +45,8 @@ class Record(TrainerCallback):
         t = self.trainer
         state = {"prefix": models.pdf_parameters(t.model)[0].detach().clone()}
         for name, head in (("aggregator", t.pdf_aggregator), ("estimator", t.pdf_estimator)):
-            state.update({f"{name}.{k}": v.detach().clone() for k, v in head.state_dict().items()})
+            if head is not None:  # (no estimator without MIM)
+                state.update({f"{name}.{k}": v.detach().clone() for k, v in head.state_dict().items()})
         return state
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -71,22 +73,12 @@ def _trainer(folder, rows, padding="right", settings=SETTINGS, model_args=None, 
 
 
 def _worker(rank, world, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)  # a forked child must not inherit the parent's one-process state
-    PartialState._reset_state()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         rows = make_rows(BATCH * world, seed=1)[rank * BATCH:(rank + 1) * BATCH]
         trainer, record = _trainer(folder, rows, ddp_backend="gloo")
         trainer.train()
         wrapped = type(trainer.model_wrapped).__name__
         torch.save({"step": record.steps[0], "wrapped": wrapped}, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def _reference(rows):

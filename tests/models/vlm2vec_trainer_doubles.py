@@ -6,6 +6,10 @@
   (rebuild the backbone, then the adapters from ``checkpoint_path``, trainable) classmethods; ``forward(qry,
   tgt)`` returning ``{"qry_reps", "tgt_reps"}`` for one side, else the dot-product InfoNCE over the
   all-gathered reps, times the world size under DDP.
+- ``Collator(negatives=...)``: hard negatives as VLM2Vec's ``b3``/``v2.2`` collators lay them out
+  (``"grouped"``: each query's positive then its negatives in the target batch, rows with fewer padded up to
+  the batch's most with an empty text) or as a third batch (``"batch"``, query-major), the batch's ``text``
+  list beside the tensors (VLM2Vec's vendored forwards take and ignore it; ``encode_input`` here drops it).
 - ``MMEBTrainer(transformers.Trainer)``: ``(qry, tgt)`` batches, its own dataloader (no accelerate
   sharding, each rank its own rows), ``_save`` writing only the encoder's adapters after asserting every key
   starts with ``encoder.``, ``_load_from_checkpoint`` replacing ``self.model`` with ``MMEBModel.load``.
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import peft
@@ -77,6 +82,9 @@ class MMEBModel(vlm2vec_doubles.MMEBModel):
                                                  is_trainable=is_trainable)
         return cls(encoder, temperature=model_args.temperature)
 
+    def encode_input(self, input):
+        return super().encode_input({k: v for k, v in input.items() if isinstance(v, torch.Tensor)})
+
     def forward(self, qry=None, tgt=None, *args, **kwargs):
         qry_reps = self.encode_input(qry) if qry else None
         tgt_reps = self.encode_input(tgt) if tgt else None
@@ -95,22 +103,38 @@ def contrastive(q: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.T
 
 
 class Collator:
-    """Rows ``{"qry": ids, "tgt": ids}`` -> ``(qry, tgt)`` batches, padded on ``padding``."""
+    """Rows ``{"qry": ids, "tgt": ids[, "neg": [ids, ...]]}`` -> ``(qry, tgt)`` batches, padded on ``padding``;
+    ``negatives``: None (left out), ``"grouped"`` or ``"batch"`` (see the module's docstring)."""
 
-    def __init__(self, padding: str = "left"):
-        self.padding = padding
+    FILLER = [1, 1]  # the ids of an empty text's row (VLM2Vec's processor still makes tokens of '')
 
-    def _batch(self, rows):
+    def __init__(self, padding: str = "left", negatives: str | None = None, hard_negatives: int = 0):
+        self.padding, self.negatives, self.hard_negatives = padding, negatives, hard_negatives
+
+    def _batch(self, rows, texts=None):
         length = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.long)
         for b, row in enumerate(rows):
             span = slice(length - len(row), length) if self.padding == "left" else slice(0, len(row))
             ids[b, span], mask[b, span] = torch.tensor(row), 1
-        return {"input_ids": ids, "attention_mask": mask}
+        batch = {"input_ids": ids, "attention_mask": mask}
+        return batch if texts is None else {**batch, "text": texts}
 
     def __call__(self, examples):
-        return self._batch([e["qry"] for e in examples]), self._batch([e["tgt"] for e in examples])
+        qry = self._batch([e["qry"] for e in examples])
+        if self.negatives is None:
+            return qry, self._batch([e["tgt"] for e in examples])
+        if self.negatives == "batch":  # the first H of each row, query-major
+            negs = [n for e in examples for n in e["neg"][:self.hard_negatives]]
+            return qry, self._batch([e["tgt"] for e in examples]), self._batch(negs, ["neg"] * len(negs))
+        most = max(len(e["neg"]) for e in examples)
+        rows, texts = [], []
+        for e in examples:
+            padding = most - len(e["neg"])
+            rows += [e["tgt"], *e["neg"], *[self.FILLER] * padding]
+            texts += ["pos"] + ["neg"] * len(e["neg"]) + [""] * padding
+        return qry, self._batch(rows, texts)
 
 
 def make_rows(count: int, seed: int) -> list[dict]:
@@ -121,6 +145,16 @@ def make_rows(count: int, seed: int) -> list[dict]:
         rows.append({side: torch.randint(10, 100, (n,), generator=generator).tolist()
                      for side, n in zip(("qry", "tgt"), lengths)})
     return rows
+
+
+def add_negatives(rows: list[dict], counts: list[int], seed: int) -> list[dict]:
+    """``rows`` with ``counts[i]`` random negatives each (their own generator: the rows stay as they were)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for row, count in zip(rows, counts):
+        lengths = torch.randint(3, 9, (count,), generator=generator).tolist()
+        out.append({**row, "neg": [torch.randint(10, 100, (n,), generator=generator).tolist() for n in lengths]})
+    return out
 
 
 class MMEBTrainer(Trainer):
@@ -193,3 +227,21 @@ def training_args(output_dir: str, **overrides) -> TrainingArgs:
                   dataloader_num_workers=0)
     values.update(overrides)
     return TrainingArgs(**values)
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """A forked worker as torchrun would start it: environment, one thread, a fresh accelerate state, a gloo
+    process group (destroyed at the end)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)  # a forked child must not inherit the parent's one-process state
+    PartialState._reset_state()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
