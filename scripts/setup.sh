@@ -20,9 +20,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     torch_pin="torch==$("$VENV_PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
     echo "$torch_pin" > .venv/constraints.txt
     "$VENV_PY" -m pip install --quiet --disable-pip-version-check -c .venv/constraints.txt -e ".[dev]"
-    # optional: DeepSpeed (the VLM2Vec trainer's ZeRO tests, on its CPU accelerator; they skip without it),
-    # pure Python with its ops built only when used, torch held by the constraints
-    DS_BUILD_OPS=0 "$VENV_PY" -m pip install --quiet --disable-pip-version-check -c .venv/constraints.txt \
-        deepspeed >/dev/null 2>&1 || echo "[setup] deepspeed did not install: its tests will skip"
     echo "$want" > "$stamp"
 fi

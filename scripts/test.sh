@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
+# optional, for the tests only (the main job does not need it): DeepSpeed, for the VLM2Vec trainer's ZeRO tests on
+# its CPU accelerator (they skip without it); pure Python, its ops built only when used, torch held by the constraints
+if ! .venv/bin/python -c "import deepspeed" >/dev/null 2>&1; then
+    DS_BUILD_OPS=0 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c .venv/constraints.txt \
+        deepspeed >/dev/null 2>&1 || echo "[test] deepspeed did not install: its tests will skip"
+fi
 # the test models are tiny: a second intra-op thread gains nothing and, on a shared CPU, costs waiting
 # (a 64x128 Linear took 16 ms with 2 threads on a busy 2-core machine, 0.06 ms with 1)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
