@@ -23,6 +23,6 @@ if [ "$got" != "${PIN#transformers==}" ]; then
 fi
 echo "[compat-tf452] transformers $got kept after installing pdfkernels ($((SECONDS - start)) s)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-"$VENV/bin/python" -m pytest tests/models tests/train -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests/models tests/train tests/test_export.py tests/test_embed.py -q -p no:cacheprovider "$@"
 "$VENV/bin/python" -m pdfkernels.selfcheck
 echo "[compat-tf452] done in $((SECONDS - start)) s"

@@ -64,6 +64,7 @@ def test_export_writes_the_described_format(tmp_path):
     assert described["format"] == "pdfkernels-prefix-cache" and described["version"] == 1
     assert (described["path"], described["num_paths"], described["prefix_len"]) == (1, 2, 3)
     assert described["architecture"] == "Qwen2VLForConditionalGeneration"
+    assert 0 <= described["verified_max_difference"] <= 1e-4
     from safetensors.torch import load_file
 
     stored = load_file(str(out / PREFIX_FILE))
@@ -128,3 +129,57 @@ def test_cli_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# VLM2Vec's vendored models name their modules as Hugging Face did before 4.52; its adapters carry those names
+LEGACY = {"qwen2vl": ("base_model.model.model.language_model.", "base_model.model.model."),
+          "llava-next-mistral": ("base_model.model.model.language_model.", "base_model.model.language_model.model.")}
+
+
+@pytest.mark.parametrize("kind", list(LEGACY))
+def test_vlm2vec_adapter_checkpoint_exports_to_the_same_embeddings(kind, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = build_model(kind)
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights="gaussian",
+                                                      target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|"
+                                                                     r"o_proj|down_proj)"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    checkpoint = tmp_path / "checkpoint-10"
+    model.save_pretrained(checkpoint)  # what VLM2Vec's MMEBModel.save writes for LoRA: the adapters only
+    weights = checkpoint / "adapter_model.safetensors"
+    new, old = LEGACY[kind]
+    save_file({k.replace(new, old): v for k, v in load_file(str(weights)).items()}, str(weights))
+    models.apply_pdf(model, num_paths=2, prefix_len=3, seed=2)
+    with torch.no_grad():
+        models.pdf_parameters(model)[0].mul_(10)
+    models.save_pdf(checkpoint / "pdf.safetensors", model)  # what pdf_trainer's _save adds
+    batch = build_inputs(kind, model.eval(), "left")
+    with torch.no_grad():
+        expected = models.encode(model, batch, paths=1)[0]
+
+    assert main([str(checkpoint), str(tmp_path / "export"), "--path", "1", "--base", str(tmp_path / "base")]) == 0
+    got = stock_loader.load(tmp_path / "export").embed(batch)
+    assert (got - expected).abs().max() <= TOLERANCE
+
+
+def test_adapters_that_do_not_fit_the_base_are_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base = build_model("qwen2vl")
+    base.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "adapter_model.safetensors"
+    stored = load_file(str(weights))
+    save_file(dict(list(stored.items())[1:]), str(weights))  # one adapter tensor missing
+    models.save_pdf(tmp_path / "ckpt" / "pdf.safetensors", models.apply_pdf(model, num_paths=2, prefix_len=2))
+    assert main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--base", str(tmp_path / "base")]) == 1
+    assert "do not fit the base model" in capsys.readouterr().err
+    assert main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--base", str(tmp_path / "nowhere")]) == 1
+    assert "argument '--base' expected the base model's local folder" in capsys.readouterr().err
