@@ -264,17 +264,6 @@ def precision_at_1(out: str | Path) -> dict[str, float]:
     return scores
 
 
-def load_tokenizer(folder: str):
-    """The export's tokenizer as the class its ``tokenizer_config.json`` names (transformers 4.5x's AutoTokenizer
-    would pick the backbone's tokenizer class from config.json instead: wrong for the trainer's local one)."""
-    import transformers
-
-    config = Path(folder) / "tokenizer_config.json"
-    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
-    cls = getattr(transformers, named, None) if named else None
-    return (cls or transformers.AutoTokenizer).from_pretrained(folder, local_files_only=True)
-
-
 def setup_distributed() -> tuple[int, int, torch.device]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -349,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
         dist.barrier()
 
     embedder = stock_loader.load(args.model, dtype=DTYPES[args.dtype], device=device)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = stock_loader.load_tokenizer(args.model)
     processor = image_processor(source=args.model, kind=embedder.model.config.model_type)
     collator = make_collator(embedder.model, tokenizer, processor, args.max_length, args.image_resolution)
     plan = shard_plan(parts, args.shard_size)

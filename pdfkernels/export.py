@@ -246,14 +246,11 @@ def from_vlm2vec(source: Path, base: Path | None, device: torch.device):
     model.to(device)
     load_checkpoint(model, source)
     tokenizer = processor = None
-    for folder in (source, base):
-        if folder is None:
-            continue
-        try:
-            tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            processor = processor or image_processor(source=str(folder), kind=kind)
-        except (OSError, ValueError):
-            continue
+    for folder in (f for f in (source, base) if f is not None):  # the checkpoint's own first, then the base's
+        if tokenizer is None and (folder / "tokenizer_config.json").is_file():
+            tokenizer = stock_loader.load_tokenizer(str(folder))
+        if processor is None and (folder / "preprocessor_config.json").is_file():
+            processor = image_processor(source=str(folder), kind=kind)
     if tokenizer is None or processor is None:
         log.warning("export: no tokenizer or image processor found in %s or %s: the export has none", source, base)
     return model, tokenizer, processor, str(source)

@@ -7,6 +7,7 @@ environment needs only ``pip install torch transformers``:
     import stock_loader
     embedder = stock_loader.load("EXPORT")           # the backbone (LoRA/DoRA merged) and the path's prefix
     embeddings = embedder.embed(inputs)               # [B, d]: inputs as the backbone's processor makes them
+    tokenizer = stock_loader.load_tokenizer("EXPORT")
 
 How the prefix reaches a stock model: each layer's prefix keys and values go in front of the tokens' own as a
 pre-filled key/value cache of K entries. The keys were trained without a rotary embedding, and a cache holds
@@ -67,6 +68,16 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | t
         raise ValueError(f"{folder}: prefix keys {tuple(keys.shape)} / values {tuple(values.shape)}, expected "
                          f"{expected} (layers, kv_heads, prefix_len, head_dim)")
     return Embedder(model, keys, values)
+
+
+def load_tokenizer(folder: str):
+    """The export's tokenizer as the class its ``tokenizer_config.json`` names (transformers 4.5x's AutoTokenizer
+    would pick the backbone's tokenizer class from config.json instead: wrong for the trainer's local one)."""
+    config = Path(folder) / "tokenizer_config.json"
+    named = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    # 4.5x writes a fast tokenizer's class without its "Fast" (from_pretrained adds it back), 5.x its own name
+    cls = next((getattr(transformers, n) for n in (f"{named}Fast", named) if named and hasattr(transformers, n)), None)
+    return (cls or transformers.AutoTokenizer).from_pretrained(folder, local_files_only=True)
 
 
 def multimodal_model(model: torch.nn.Module) -> torch.nn.Module:
