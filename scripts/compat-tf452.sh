@@ -2,7 +2,7 @@
 # The oldest supported transformers, 4.52.3 (VLM2Vec's pin), in its own .venv-tf452: install this project
 # beside it as a VLM2Vec user would (with dependencies), check that transformers stayed 4.52.3, then run the
 # model tests (Hugging Face classes and doubles of VLM2Vec's vendored models), the trainer tests (its collators
-# build what 4.52's models take) and the ops' self-check.
+# build what 4.52's models take), the export -> stock loader and embed tests, and the ops' self-check.
 # One thread: the models are tiny, and on a shared CPU torch's thread pool only adds waiting.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -23,6 +23,6 @@ if [ "$got" != "${PIN#transformers==}" ]; then
 fi
 echo "[compat-tf452] transformers $got kept after installing pdfkernels ($((SECONDS - start)) s)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-"$VENV/bin/python" -m pytest tests/models tests/train -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests/models tests/train tests/test_export.py tests/test_embed.py -q -p no:cacheprovider "$@"
 "$VENV/bin/python" -m pdfkernels.selfcheck
 echo "[compat-tf452] done in $((SECONDS - start)) s"
