@@ -37,7 +37,7 @@ from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
 
-Item = tuple[str, str]  # (text, image path or "")
+Item = tuple[str, str, str]  # (text, image path or "", video path or "")
 COUNTS = ("dropped_rows", "dropped_candidates")  # per subset in eval.json: what --bad-images skip left out
 log = logging.getLogger("pdf.eval")
 
@@ -46,8 +46,10 @@ def unique_items(rows: list[dict]) -> tuple[list[Item], list[Item], list[int], l
     """(distinct queries, distinct candidates, each row's query index, each row's candidate indices)."""
     queries: dict[Item, int] = {}
     candidates: dict[Item, int] = {}
-    query_of = [queries.setdefault((r["qry_text"], r["qry_img_path"]), len(queries)) for r in rows]
-    cands_of = [[candidates.setdefault(c, len(candidates)) for c in zip(r["tgt_text"], r["tgt_img_path"])]
+    query_of = [queries.setdefault((r["qry_text"], r["qry_img_path"], r.get("qry_video_path", "")), len(queries))
+                for r in rows]
+    cands_of = [[candidates.setdefault(c, len(candidates)) for c in
+                 zip(r["tgt_text"], r["tgt_img_path"], r.get("tgt_video_path") or [""] * len(r["tgt_text"]))]
                 for r in rows]
     return list(queries), list(candidates), query_of, cands_of
 
@@ -67,13 +69,15 @@ class ItemBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         chunk = self.items[i * self.batch_size:(i + 1) * self.batch_size]
         try:
-            return {"prepared": self.collator.prepare([(text, self.loader(path)) for text, path in chunk]), "bad": {}}
+            return {"prepared": self.collator.prepare([(text, self.loader.visual(*paths)) for text, *paths in chunk]),
+                    "bad": {}}
         except (BadImage, ValueError):
             pass
         good, bad = [], {}  # found only now (rare): the batch again, item by item, to name the image
-        for j, (text, path) in enumerate(chunk):
+        for j, (text, *paths) in enumerate(chunk):
+            path = "".join(paths)  # the side's image or video
             try:
-                pair = (text, self.loader(path))
+                pair = (text, self.loader.visual(*paths))
                 self.collator.prepare([pair])
                 good.append(pair)
             except BadImage as exc:
@@ -206,7 +210,7 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     """Every ``config.eval_data`` subset on all ranks; rank 0 writes ``eval.json`` and ``eval.md``."""
     was_training = model.training
     model.eval()
-    loader = ImageLoader(config.image_dir, config.allow_outside_images)
+    loader = ImageLoader(config.image_dir, config.allow_outside_images, config.num_frames, config.video_fps)
     results: dict = {}
     for path in config.eval_data:  # the rows and candidates the start check kept (train/eval_data.py)
         data = load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
