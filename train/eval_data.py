@@ -59,7 +59,7 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
         negatives = {i - 1 for i, _ in problems}
         dropped_candidates += len(negatives)
         kept.append({**row, **{key: [t for i, t in enumerate(row[key]) if i not in negatives]
-                               for key in ("tgt_text", "tgt_img_path", "tgt_video_path") if key in row}})
+                               for key in ("tgt_text", "tgt_img_path", "tgt_video_path", "rel_scores") if key in row}})
     if first:
         log.warning("%s: bad images (--bad-images skip): dropped %d of %d rows and %d negative candidates "
                     "(first: %s)", path, dropped_rows, dropped_rows + len(kept), dropped_candidates, first)

@@ -166,6 +166,14 @@ def check_eval_row(row: dict, where: str) -> dict:
                 "qry_video_path", where)
     for i, (text, image, video) in enumerate(zip(out["tgt_text"], out["tgt_img_path"], out["tgt_video_path"])):
         _check_side(text, image, video, f"tgt_text[{i}]", f"tgt_img_path[{i}]", f"tgt_video_path[{i}]", where)
+    if "rel_scores" in row:  # a visdoc row (MMEB-V2's qrels): ranked against every candidate of its subset
+        scores = row["rel_scores"]
+        if (not isinstance(scores, list) or len(scores) != len(texts) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in scores)
+                or not any(x > 0 for x in scores)):
+            raise BadRow(f"{where}: 'rel_scores' expected a list of {len(texts)} numbers >= 0 (one per candidate, "
+                         f"at least one > 0), got {scores!r:.80}")
+        out["rel_scores"] = [float(x) for x in scores]
     if not out["qry_video_path"] and not any(out["tgt_video_path"]):  # rows without videos stay as they were
         del out["qry_video_path"], out["tgt_video_path"]
     return out

@@ -11,7 +11,7 @@ import torch
 
 import pdfkernels.train.run as run
 from pdfkernels import models
-from pdfkernels.train import synthetic, synthetic_video, video
+from pdfkernels.train import synthetic, synthetic_docs, synthetic_video, video
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader, qwen_video_patches
 from pdfkernels.train.images import BadImage
@@ -121,16 +121,22 @@ def test_video_batch_per_path_rows_equal_single_path_calls(tmp_path):
     torch.testing.assert_close(both[0, 1:2], without_video, rtol=1e-5, atol=1e-5)  # rows stay independent
 
 
-def test_tiny_qwen2vl_trains_and_evaluates_on_images_and_videos(tmp_path):
+def test_tiny_qwen2vl_trains_and_evaluates_on_images_videos_and_documents(tmp_path, capsys):
     data = synthetic.generate(tmp_path / "data", num_train=24, num_eval=4, seed=1)
     synthetic_video.generate(tmp_path / "data", num_train=24, num_eval=4, seed=2)
+    synthetic_docs.generate(tmp_path / "data", num_train=24, num_eval=4, seed=3)
     (tmp_path / "data" / "images" / "videos" / "v000000" / "frame_1.png").write_bytes(b"broken")  # a bad video
     args = run_args(data, tmp_path / "out", "--steps", "3", "--num-frames", "4", "--num-workers", "0")
-    args[args.index("--train-data") + 2:args.index("--train-data") + 2] = [str(data / "train" / "t2v.jsonl")]
-    args[args.index("--eval-data") + 2:args.index("--eval-data") + 2] = [str(data / "eval" / "t2v.jsonl")]
+    args[args.index("--train-data") + 2:args.index("--train-data") + 2] = [str(data / "train" / "t2v.jsonl"),
+                                                                           str(data / "train" / "t2d.jsonl")]
+    args[args.index("--eval-data") + 2:args.index("--eval-data") + 2] = [str(data / "eval" / "t2v.jsonl"),
+                                                                         str(data / "eval" / "visdoc.jsonl")]
     result = run.main(args)
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(np.isfinite(m["loss"]) for m in lines)
     evaluation = json.loads(Path(tmp_path / "out" / "eval.json").read_text())
-    assert {"t2i", "t2v", "i2t", "average"} <= set(evaluation) and result["eval"] == evaluation
+    assert {"t2i", "t2v", "visdoc", "i2t", "average"} <= set(evaluation) and result["eval"] == evaluation
     assert evaluation["t2v"]["chance"] == pytest.approx(1 / synthetic_video.EVAL_CANDIDATES)
+    assert evaluation["visdoc"]["chance"] == pytest.approx(1 / (4 * synthetic_docs.JUDGED))  # every page ranked
+    printed = capsys.readouterr().out
+    assert "Hit@1 single" in printed and "NDCG@5 single" in printed and "| visdoc |" in printed
