@@ -232,6 +232,7 @@ class Qwen2VLCollator(Collator):
         self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
         self.merge = config.vision_config.spatial_merge_size
         self.video_id = getattr(config, "video_token_id", None)
+        self.model_type = getattr(config, "model_type", "")
         self.temporal_patch = getattr(config.vision_config, "temporal_patch_size", 2)
         self.token_types = _installed_takes_token_types(config) if token_types is None else token_types
 
@@ -244,8 +245,8 @@ class Qwen2VLCollator(Collator):
         return [self.start_id] + [self.image_id] * count + [self.end_id]
 
     def videos(self, videos):
-        if self.video_id is None:
-            raise ValueError(f"{type(self).__name__}: this backbone's config has no video_token_id")
+        if self.model_type != "qwen2_vl":  # Qwen2.5-VL needs second_per_grid_ts, Qwen3-VL timestamps: not built
+            raise ValueError(f"video rows are supported for Qwen2-VL only, not {self.model_type!r}")
         processed = [qwen_video_patches(self.image_processor, v.frames, self.temporal_patch) for v in videos]
         grids = torch.stack([grid for _, grid in processed])
         counts = [int(g.prod()) // self.merge ** 2 for g in grids]
