@@ -246,6 +246,66 @@ def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | 
     return rows
 
 
+def _video_inputs(model) -> dict:
+    """A left-padded batch in VLM2Vec's Qwen2-VL collator form: per-row video lists (None without a video), two
+    temporal patches of 4 x 4 patches each (8 merged video tokens) per video row."""
+    video_id = model.config.video_token_id
+    clip = [7] + [video_id] * 8 + [8]
+    rows = [[11] + clip + [13, 14], [21, 22, 23, 24], [31] + clip + [33]]
+    length = max(map(len, rows))
+    ids, mask = torch.zeros(3, length, dtype=torch.long), torch.zeros(3, length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):], mask[b, length - len(row):] = torch.tensor(row), 1
+    grids = [torch.tensor([[2, 4, 4]]), None, torch.tensor([[2, 4, 4]])]
+    positions = model.get_rope_index(ids, video_grid_thw=torch.tensor([[2, 4, 4]] * 2), attention_mask=mask)[0]
+    return dict(input_ids=ids, attention_mask=mask, position_ids=positions,
+                pixel_values_videos=[torch.randn(32, 96), None, torch.randn(32, 96)], video_grid_thw=grids)
+
+
+def check_video(vlm2vec: dict) -> list[tuple[str, float | str, bool | None]]:
+    """Qwen2-VL: a video batch through the unchanged ``encode_input`` inside ``use_paths(model, [0, 1])`` gives
+    path-major rows equal to each single-path call (the vision tower runs once on the videos)."""
+    args = SimpleNamespace(model_name=_save_tiny("qwen2_vl", vlm2vec), lora=True, lora_r=4, lora_alpha=8,
+                           lora_dropout=0.0, lora_target_modules="q_proj,k_proj,v_proj,o_proj,down_proj",
+                           pooling="last", normalize=False, temperature=0.02, model_backbone="qwen2_vl")
+    model = vlm2vec["MMEBModel"].build(args).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    hf = hf_model(model)
+    for block in hf.visual.blocks:
+        block.attn.__class__ = getattr(vlm2vec["qwen2_vl"], EAGER["qwen2_vl"][1])
+    model.model_backbone = "qwen2_vl"
+    models.apply_pdf(model, num_paths=2, prefix_len=3)
+    model.eval()
+    inputs = _video_inputs(hf)
+    calls = []
+    handle = hf.visual.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        with models.use_paths(model, [0, 1]):
+            both = model.encode_input(dict(inputs))
+        visual_calls = len(calls)
+        single = []
+        for path in (0, 1):
+            with models.use_paths(model, path):
+                single.append(model.encode_input(dict(inputs)))
+        plain = dict(inputs, pixel_values_videos=[torch.randn(32, 96), None, torch.randn(32, 96)])
+        with models.use_paths(model, 0):
+            other_video = model.encode_input(plain)
+    handle.remove()
+    rows = [("video: [k*B, d] rows of use_paths([0, 1])", str(tuple(both.shape)), both.shape[0] == 6),
+            ("video: vision tower calls for two paths", visual_calls, visual_calls == 1)]
+    for path in (0, 1):
+        error = _rel(both[3 * path:3 * path + 3], single[path])
+        rows.append((f"video: path {path} rows vs single-path call (rel)", error, error <= 1e-5))
+    changed = _rel(other_video[[0, 2]], single[0][[0, 2]])
+    rows.append(("video: other frames change the video rows (rel)", changed, changed > 1e-3))
+    unchanged = _rel(other_video[1], single[0][1])
+    rows.append(("video: the text-only row does not change (rel)", unchanged, unchanged <= 1e-6))
+    return rows
+
+
 def main() -> int:
     if len(sys.argv) < 2 or not (Path(sys.argv[1]) / "src/model/model.py").is_file() or set(sys.argv[2:]) - set(KINDS):
         print(__doc__.splitlines()[0], file=sys.stderr)
@@ -263,6 +323,12 @@ def main() -> int:
                 status = "–" if ok is None else "ok" if ok else "FAIL"
                 print(f"| {kind} | {'reentrant' if reentrant else 'non-reentrant'} | {name} | {value} | {status} |")
                 failed += ok is False
+    if "qwen2_vl" in (sys.argv[2:] or KINDS):
+        for name, value, ok in check_video(vlm2vec):
+            value = f"{value:.2e}" if isinstance(value, float) else value
+            status = "–" if ok is None else "ok" if ok else "FAIL"
+            print(f"| qwen2_vl | – | {name} | {value} | {status} |")
+            failed += ok is False
     return 1 if failed else 0
 
 

@@ -61,6 +61,8 @@ class TrainConfig:
     max_bad_fraction: float = 0.5  # 'skip' stops the run when more of the tried rows than this had bad images
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
     image_resolution: int = 0  # > 0: images resized to this square first (VLM2Vec: high 1344, low 128); 0: as stored
+    num_frames: int = 8  # frames sampled uniformly per video row (VLM2Vec's num_frames)
+    video_fps: float = 0.0  # > 0: a video file gives at most duration x video_fps frames (at least 2)
     hard_negatives: int = 0  # hard negatives per query (neg_text/neg_image_path, the first so many); 0: none
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
     num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()
@@ -90,7 +92,8 @@ class TrainConfig:
             self.lora_r = 0 if self.model.startswith("tiny") else 8  # no pretrained backbone: train all weights
         if self.bad_images not in ("skip", "error"):
             raise ConfigError(f"config: 'bad_images' expected 'skip' or 'error', got {self.bad_images!r}")
-        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_resolution", 0)):
+        for name, low in (("max_length", 1), ("eval_batch_size", 1), ("num_workers", 0), ("image_resolution", 0),
+                          ("num_frames", 1), ("video_fps", 0)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ConfigError(f"config: '{name}' expected >= {low}, got {getattr(self, name)}")
         if not 0 < self.max_bad_fraction <= 1:

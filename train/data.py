@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from . import images
+from . import images, video
 from .images import BadImage
-from .rows import IMAGE_PLACEHOLDER
+from .rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from .video import Video
 
 log = logging.getLogger("pdf.data")
 
@@ -33,11 +34,21 @@ class ImageLoader:
 
     image_dir: str
     allow_outside: bool = False
+    num_frames: int = 8  # frames sampled per video (VLM2Vec's num_frames)
+    video_fps: float = 0.0  # > 0: a video file gives at most duration x fps frames
 
     def __call__(self, path: str) -> Image.Image | None:
         if not path:
             return None
         return images.load(self.image_dir, path, self.allow_outside)
+
+    def video(self, path: str) -> Video:
+        """The sampled frames of the video at ``image_dir/path`` (train/video.py); ``BadImage`` naming it."""
+        return video.load(self.image_dir, path, self.num_frames, self.video_fps, self.allow_outside)
+
+    def visual(self, image_path: str, video_path: str = "") -> Image.Image | Video | None:
+        """A side's image or video, or None for a text-only side."""
+        return self.video(video_path) if video_path else self(image_path)
 
 
 def _seed(*parts: int) -> int:
@@ -70,7 +81,8 @@ class TrainSampler:
 
 def example(row: dict, loader: ImageLoader) -> tuple[tuple[str, Image.Image | None], tuple[str, Image.Image | None]]:
     """(query, target) of a training row, images decoded; ``BadImage`` if either cannot be read."""
-    return (row["qry"], loader(row["qry_image_path"])), (row["pos_text"], loader(row["pos_image_path"]))
+    return ((row["qry"], loader.visual(row["qry_image_path"], row.get("qry_video_path", ""))),
+            (row["pos_text"], loader.visual(row["pos_image_path"], row.get("pos_video_path", ""))))
 
 
 def negatives(row: dict, loader: ImageLoader, count: int) -> list[tuple[str, Image.Image | None]]:
@@ -108,30 +120,54 @@ class Collator:
     def image_block(self, count: int) -> list[int]:
         return [self.image_id] * count
 
+    def videos(self, videos: list[Video]) -> tuple[dict, list[int]]:
+        """(model inputs for the videos, number of video tokens of each)."""
+        raise ValueError(f"{type(self).__name__}: this backbone takes no video rows ({VIDEO_PLACEHOLDER}); "
+                         f"videos are supported for Qwen2-VL")
+
+    def video_block(self, count: int) -> list[int]:
+        raise NotImplementedError
+
     def extra(self, ids: torch.Tensor) -> dict:
         return {}
 
     def prepare(self, examples: list[tuple[str, Image.Image | None]]) -> dict:
         """The expensive, model-free half (image processor, tokenizer): runs in data-loader workers."""
         for text, img in examples:
-            if (IMAGE_PLACEHOLDER in text) != (img is not None):
+            is_video = isinstance(img, Video)
+            if (IMAGE_PLACEHOLDER in text) != (img is not None and not is_video):
                 raise ValueError(f"text and image disagree: {text!r} has {'an' if IMAGE_PLACEHOLDER in text else 'no'} "
                                  f"{IMAGE_PLACEHOLDER} but {'an' if img is not None else 'no'} image")
-        images = [img for _, img in examples if img is not None]
+            if (VIDEO_PLACEHOLDER in text) != is_video:
+                raise ValueError(f"text and video disagree: {text!r} has {'a' if VIDEO_PLACEHOLDER in text else 'no'} "
+                                 f"{VIDEO_PLACEHOLDER} but {'a' if is_video else 'no'} video")
+        images = [img for _, img in examples if img is not None and not isinstance(img, Video)]
+        clips = [img for _, img in examples if isinstance(img, Video)]
         if self.image_side:
             images = [img.resize((self.image_side, self.image_side), Image.Resampling.BICUBIC) for img in images]
+            side = (self.image_side, self.image_side)
+            clips = [Video([f.resize(side, Image.Resampling.BICUBIC) for f in c.frames], c.path) for c in clips]
         processed, counts = self.images(images) if images else ({}, [])
+        video_counts: list[int] = []
+        if clips:
+            video_inputs, video_counts = self.videos(clips)
+            processed = {**processed, **video_inputs}
         # split_special_tokens: a typed "<|image_pad|>" is text, never the backbone's image token
         parts = [[self.tokenizer(p.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                  for p in text.split(IMAGE_PLACEHOLDER)] for text, _ in examples]
-        return {"parts": parts, "images": processed, "counts": counts}
+                  for p in text.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER).split(IMAGE_PLACEHOLDER)]
+                 for text, _ in examples]
+        prepared = {"parts": parts, "images": processed, "counts": counts}
+        if clips:  # which rows hold a video (their block is the video's), and its token count
+            prepared["is_video"] = [isinstance(img, Video) for _, img in examples]
+            prepared["video_counts"] = video_counts
+        return prepared
 
-    def _ids(self, parts: list[list[int]], image_tokens: int | None) -> list[int]:
+    def _ids(self, parts: list[list[int]], image_tokens: int | None, is_video: bool = False) -> list[int]:
         budget, ids = self.max_length, []
         cut = sum(len(p) for p in parts) > budget
         for i, part in enumerate(parts):
             if i:
-                ids += self.image_block(image_tokens)
+                ids += self.video_block(image_tokens) if is_video else self.image_block(image_tokens)
             ids += part[:budget]
             budget -= min(budget, len(part))
         if cut:
@@ -144,9 +180,15 @@ class Collator:
     def assemble(self, prepared: dict) -> dict:
         """The cheap half, in the training process: image-token counts, truncation, left padding."""
         images = dict(prepared["images"])
-        counts = prepared["counts"] if prepared["counts"] is not None else self.image_counts(images)
+        is_video = prepared.get("is_video") or [False] * len(prepared["parts"])
+        video_counts = list(prepared.get("video_counts", []))
+        has_images = any(len(p) > 1 and not v for p, v in zip(prepared["parts"], is_video))
+        counts = prepared["counts"] if prepared["counts"] is not None or not has_images else self.image_counts(images)
         rows, k = [], 0
-        for parts in prepared["parts"]:
+        for b, parts in enumerate(prepared["parts"]):
+            if is_video[b]:
+                rows.append(self._ids(parts, video_counts.pop(0), is_video=True))
+                continue
             has_image = len(parts) > 1
             rows.append(self._ids(parts, counts[k] if has_image else None))
             k += has_image
@@ -189,6 +231,9 @@ class Qwen2VLCollator(Collator):
         super().__init__(tokenizer, image_processor, config.image_token_id, max_length)
         self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
         self.merge = config.vision_config.spatial_merge_size
+        self.video_id = getattr(config, "video_token_id", None)
+        self.model_type = getattr(config, "model_type", "")
+        self.temporal_patch = getattr(config.vision_config, "temporal_patch_size", 2)
         self.token_types = _installed_takes_token_types(config) if token_types is None else token_types
 
     def images(self, images):
@@ -199,8 +244,41 @@ class Qwen2VLCollator(Collator):
     def image_block(self, count):
         return [self.start_id] + [self.image_id] * count + [self.end_id]
 
+    def videos(self, videos):
+        if self.model_type != "qwen2_vl":  # Qwen2.5-VL needs second_per_grid_ts, Qwen3-VL timestamps: not built
+            raise ValueError(f"video rows are supported for Qwen2-VL only, not {self.model_type!r}")
+        processed = [qwen_video_patches(self.image_processor, v.frames, self.temporal_patch) for v in videos]
+        grids = torch.stack([grid for _, grid in processed])
+        counts = [int(g.prod()) // self.merge ** 2 for g in grids]
+        return {"pixel_values_videos": torch.cat([p for p, _ in processed]), "video_grid_thw": grids}, counts
+
+    def video_block(self, count):
+        return [self.start_id] + [self.video_id] * count + [self.end_id]
+
     def extra(self, ids):
-        return {"mm_token_type_ids": (ids == self.image_id).long()} if self.token_types else {}
+        if not self.token_types:
+            return {}
+        return {"mm_token_type_ids": (ids == self.image_id).long() + 2 * (ids == self.video_id).long()}
+
+
+def qwen_video_patches(image_processor, frames: list[Image.Image], temporal_patch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``pixel_values_videos`` ``[grid_t·h·w, C·T·P·P]``, ``video_grid_thw`` ``[3]``) of one video, as Qwen2-VL's
+    processors build them (4.52's image processor given ``videos=``), from the image processor alone: each
+    frame is resized and normalised as an image (whose T temporal slots repeat the frame), and temporal patch
+    g takes slot t from frame g·T + t; the frames are padded to a multiple of T with the last one, as the
+    processors do. The token order within a temporal group is the image's (rows, columns in merge blocks), so
+    no torchvision video processor is needed (transformers 5.x's requires torchvision)."""
+    frames = list(frames) + [frames[-1]] * (-len(frames) % temporal_patch)
+    out = image_processor(images=frames, return_tensors="pt")
+    grid = out["image_grid_thw"]
+    if not bool((grid == grid[:1]).all()):
+        raise ValueError(f"video frames resized to different grids {grid.tolist()}; frames must share one size")
+    per_frame = out["pixel_values"].reshape(len(frames), int(grid[0].prod()), 3, temporal_patch, -1)  # RGB
+    groups = len(frames) // temporal_patch
+    slots = per_frame.reshape(groups, temporal_patch, *per_frame.shape[1:])  # [G, t (frame), N, C, T, P·P]
+    picked = torch.stack([slots[:, t, :, :, t] for t in range(temporal_patch)], dim=3)  # [G, N, C, T, P·P]
+    return picked.reshape(groups * per_frame.shape[1], -1), torch.tensor([groups, *grid[0, 1:].tolist()])
 
 
 class LlavaCollator(Collator):

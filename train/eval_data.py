@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from . import images
+from . import images, video
 from .images import BadImage
 from .rows import _where, load_eval_rows
 
@@ -28,10 +28,10 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
     """The subset's checked rows, with the rows and candidates dropped for bad images (``policy`` skip)."""
     verdicts: dict[str, str | None] = {}  # image path -> why it is bad, or None
 
-    def bad(image: str) -> str | None:
+    def bad(image: str, is_video: bool = False) -> str | None:
         if image and image not in verdicts:
             try:
-                images.check(image_dir, image, allow_outside)
+                (video.check if is_video else images.check)(image_dir, image, allow_outside)
                 verdicts[image] = None
             except BadImage as exc:
                 verdicts[image] = str(exc)
@@ -39,10 +39,13 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
 
     kept, dropped_rows, dropped_candidates, first = [], 0, 0, None
     for index, row in enumerate(load_eval_rows(path)):
-        fields = [("qry_img_path", row["qry_img_path"])]
-        fields += [(f"tgt_img_path[{i}]", p) for i, p in enumerate(row["tgt_img_path"])]
-        problems = [(i, f"{_where(path, index)}: '{key}': {why}") for i, (key, image) in enumerate(fields)
-                    if (why := bad(image))]
+        videos = row.get("tgt_video_path") or [""] * len(row["tgt_img_path"])
+        fields = [("qry_video_path", row["qry_video_path"], True) if row.get("qry_video_path") else
+                  ("qry_img_path", row["qry_img_path"], False)]
+        fields += [(f"tgt_video_path[{i}]", v, True) if v else (f"tgt_img_path[{i}]", p, False)
+                   for i, (p, v) in enumerate(zip(row["tgt_img_path"], videos))]
+        problems = [(i, f"{_where(path, index)}: '{key}': {why}") for i, (key, image, is_video) in enumerate(fields)
+                    if (why := bad(image, is_video))]
         if not problems:
             kept.append(row)
             continue
@@ -55,8 +58,8 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
             continue
         negatives = {i - 1 for i, _ in problems}
         dropped_candidates += len(negatives)
-        kept.append({**row, "tgt_text": [t for i, t in enumerate(row["tgt_text"]) if i not in negatives],
-                     "tgt_img_path": [p for i, p in enumerate(row["tgt_img_path"]) if i not in negatives]})
+        kept.append({**row, **{key: [t for i, t in enumerate(row[key]) if i not in negatives]
+                               for key in ("tgt_text", "tgt_img_path", "tgt_video_path", "rel_scores") if key in row}})
     if first:
         log.warning("%s: bad images (--bad-images skip): dropped %d of %d rows and %d negative candidates "
                     "(first: %s)", path, dropped_rows, dropped_rows + len(kept), dropped_candidates, first)

@@ -36,8 +36,9 @@ from .eval_data import load_eval_subset
 from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
+from .ranking import ranking_metrics
 
-Item = tuple[str, str]  # (text, image path or "")
+Item = tuple[str, str, str]  # (text, image path or "", video path or "")
 COUNTS = ("dropped_rows", "dropped_candidates")  # per subset in eval.json: what --bad-images skip left out
 log = logging.getLogger("pdf.eval")
 
@@ -46,8 +47,10 @@ def unique_items(rows: list[dict]) -> tuple[list[Item], list[Item], list[int], l
     """(distinct queries, distinct candidates, each row's query index, each row's candidate indices)."""
     queries: dict[Item, int] = {}
     candidates: dict[Item, int] = {}
-    query_of = [queries.setdefault((r["qry_text"], r["qry_img_path"]), len(queries)) for r in rows]
-    cands_of = [[candidates.setdefault(c, len(candidates)) for c in zip(r["tgt_text"], r["tgt_img_path"])]
+    query_of = [queries.setdefault((r["qry_text"], r["qry_img_path"], r.get("qry_video_path", "")), len(queries))
+                for r in rows]
+    cands_of = [[candidates.setdefault(c, len(candidates)) for c in
+                 zip(r["tgt_text"], r["tgt_img_path"], r.get("tgt_video_path") or [""] * len(r["tgt_text"]))]
                 for r in rows]
     return list(queries), list(candidates), query_of, cands_of
 
@@ -67,13 +70,15 @@ class ItemBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         chunk = self.items[i * self.batch_size:(i + 1) * self.batch_size]
         try:
-            return {"prepared": self.collator.prepare([(text, self.loader(path)) for text, path in chunk]), "bad": {}}
+            return {"prepared": self.collator.prepare([(text, self.loader.visual(*paths)) for text, *paths in chunk]),
+                    "bad": {}}
         except (BadImage, ValueError):
             pass
         good, bad = [], {}  # found only now (rare): the batch again, item by item, to name the image
-        for j, (text, path) in enumerate(chunk):
+        for j, (text, *paths) in enumerate(chunk):
+            path = "".join(paths)  # the side's image or video
             try:
-                pair = (text, self.loader(path))
+                pair = (text, self.loader.visual(*paths))
                 self.collator.prepare([pair])
                 good.append(pair)
             except BadImage as exc:
@@ -168,6 +173,39 @@ def hits(queries: torch.Tensor, candidates: torch.Tensor, cands_of: list[list[in
     return scores[:, 0] > rivals.max(dim=1).values
 
 
+def _relevance(rows: list[dict], cands_of: list[list[int]], candidates: list[Item], failed: dict, num_queries: int):
+    """(global?, gains ``[R, W]``, valid ``[R, W]``): MMEB rows score their own candidates (the positive's gain
+    1, a copy of it invalid); visdoc rows (``rel_scores``) every distinct candidate of the subset."""
+    if all("rel_scores" in r for r in rows):
+        index = {item: i for i, item in enumerate(candidates)}
+        gains = torch.zeros(len(rows), len(candidates), dtype=torch.float64)
+        for i, row in enumerate(rows):
+            keys = zip(row["tgt_text"], row["tgt_img_path"], row.get("tgt_video_path") or [""] * len(row["tgt_text"]))
+            for key, value in zip(keys, row["rel_scores"]):
+                gains[i, index[key]] = max(float(gains[i, index[key]]), value)  # a page listed twice: its best
+        valid = torch.ones_like(gains, dtype=torch.bool)
+        valid[:, [c - num_queries for c in failed if c >= num_queries]] = False
+        return True, gains, valid
+    width = max(len(c) for c in cands_of)
+    index = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands_of])
+    gains = torch.zeros(len(cands_of), width, dtype=torch.float64)
+    gains[:, 0] = 1.0
+    valid = torch.ones_like(gains, dtype=torch.bool)
+    valid[:, 1:] = index[:, 1:] != index[:, :1]  # padding and copies of the positive are no rivals
+    return False, gains, valid
+
+
+def _scores(queries: torch.Tensor, candidates: torch.Tensor, cands_of: list[list[int]], relevance):
+    """(scores, gains, valid) of each row from one matrix product."""
+    every, gains, valid = relevance
+    scores = queries @ candidates.T
+    if not every:
+        width = gains.shape[1]
+        index = torch.tensor([c + [c[0]] * (width - len(c)) for c in cands_of], device=scores.device)
+        scores = scores.gather(1, index)
+    return scores.cpu(), gains, valid
+
+
 def evaluate_subset(model, collator: Collator, rows: list[dict], loader: ImageLoader, config, aggregator, device,
                     name: str = "eval", should_stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """Precision@1 per mode and chance for one subset's rows."""
@@ -193,11 +231,17 @@ def score_subset(model, collator: Collator, rows: list[dict], loader: ImageLoade
                     next(iter(failed.values())))
         if not kept:
             raise BadImage(f"{name}: no row left to score (first bad image: {next(iter(failed.values()))})")
-        query_of, cands_of = [query_of[r] for r in kept], trimmed
+        query_of, cands_of, rows = [query_of[r] for r in kept], trimmed, [rows[r] for r in kept]
+    relevance = _relevance(rows, cands_of, candidates, failed, len(queries))
     rows_q = torch.tensor(query_of)
-    result = {mode: float(hits(e[rows_q.to(e.device)], e[len(queries):], cands_of).float().mean())
-              for mode, e in emb.items()}
-    result["chance"] = sum(1 / len(c) for c in cands_of) / len(cands_of)
+    result: dict[str, float] = {}
+    for mode, e in emb.items():
+        scores, gains, valid = _scores(e[rows_q.to(e.device)], e[len(queries):], cands_of, relevance)
+        metrics = ranking_metrics(scores, gains, valid)
+        result[mode] = metrics.pop("hit@1")  # Precision@1 of MMEB's rows
+        result.update({f"{mode} {metric}": value for metric, value in metrics.items()})
+    _, gains, valid = relevance  # a random ranking's Hit@1: the relevant share of each row's candidates
+    result["chance"] = float(((gains > 0) & valid).sum(1).double().div(valid.sum(1)).mean())
     return result, dropped_rows, dropped_candidates
 
 
@@ -206,7 +250,7 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     """Every ``config.eval_data`` subset on all ranks; rank 0 writes ``eval.json`` and ``eval.md``."""
     was_training = model.training
     model.eval()
-    loader = ImageLoader(config.image_dir, config.allow_outside_images)
+    loader = ImageLoader(config.image_dir, config.allow_outside_images, config.num_frames, config.video_fps)
     results: dict = {}
     for path in config.eval_data:  # the rows and candidates the start check kept (train/eval_data.py)
         data = load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
@@ -228,13 +272,16 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
 
 
 def markdown(results: dict) -> str:
+    """Hit@1 (Precision@1 for MMEB's rows) and NDCG@5 per mode, and chance; Recall@k is in eval.json."""
     if not results:
         return ""
-    cols = [c for c in next(iter(results.values())) if c not in COUNTS]
-    lines = ["| subset | " + " | ".join(f"P@1 {c}" if c != "chance" else "chance" for c in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+    first = next(iter(results.values()))
+    modes = [c for c in first if c not in COUNTS and c != "chance" and " " not in c]
+    cols = [(f"Hit@1 {m}", m) for m in modes] + [(f"NDCG@5 {m}", f"{m} ndcg@5") for m in modes
+                                                 if f"{m} ndcg@5" in first] + [("chance", "chance")]
+    lines = ["| subset | " + " | ".join(title for title, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[key]:.1f}" for _, key in cols) + " |")
     dropped = [f"{name} {row['dropped_rows']} rows, {row['dropped_candidates']} candidates"
                for name, row in results.items() if row.get("dropped_rows") or row.get("dropped_candidates")]
     if dropped:

@@ -123,7 +123,8 @@ class StepShares(Dataset):
     def _processable(self, item: tuple, row: dict) -> None:
         """``BadImage`` when the image processor refuses an image of ``item`` (query, target and any hard
         negatives, as ``_decode`` returns them) on its own."""
-        sides = [(row["qry_image_path"], item[0]), (row["pos_image_path"], item[1])]
+        sides = [(row.get("qry_video_path") or row["qry_image_path"], item[0]),
+                 (row.get("pos_video_path") or row["pos_image_path"], item[1])]
         if len(item) > 2:
             sides += zip(row["neg_image_path"], item[2])
         for path, (text, img) in sides:
@@ -228,7 +229,7 @@ def train_batches(config, collator: Collator, rank: int, world_size: int, start:
 
     subsets = [load_train_rows(p, config.bad_rows, config.hard_negatives) for p in config.train_data]
     sampler = TrainSampler(subsets, config.subset_weights or None, config.seed)
-    images = ImageLoader(config.image_dir, config.allow_outside_images)
+    images = ImageLoader(config.image_dir, config.allow_outside_images, config.num_frames, config.video_fps)
     shares = StepShares(sampler, images, collator, config.global_batch, rank, world_size,
                         config.chunk_size, config.bad_images, config.hard_negatives)
     workers = default_workers() if config.num_workers is None else config.num_workers

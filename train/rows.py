@@ -4,6 +4,8 @@
 Train rows: ``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path`` (the image paths may be empty or
 absent for text-only sides), optionally hard negatives: ``neg_text`` a string (one negative, as MMEB and
 VLM2Vec write it) or a list of strings, ``neg_image_path`` the same shape (or absent for text-only negatives).
+Video sides (MMEB-V2): ``qry_video_path`` / ``pos_video_path`` (train), ``qry_video_path`` /
+``tgt_video_path`` list (eval), with ``<|video_1|>`` in the side's text; a side has one image or one video.
 Eval rows as MMEB-eval publishes them: ``qry_text``, ``qry_img_path``,
 ``tgt_text`` (list), ``tgt_img_path`` (list of the same length; the positive is candidate 0)."""
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("pdf.data")
 IMAGE_PLACEHOLDER = "<|image_1|>"
+VIDEO_PLACEHOLDER = "<|video_1|>"  # a video side: ``qry_video_path``/``pos_video_path`` (a file or a frame folder)
 BAD_ROW_POLICIES = ("skip", "error")
 
 
@@ -64,8 +67,19 @@ def _image(row: dict, key: str, where: str) -> str:
     return value
 
 
-def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> None:
-    if not image and not text.strip():  # no token at all: the row's embedding would have no input
+def _agree_video(text: str, video: str, image: str, text_key: str, video_key: str, where: str) -> None:
+    if video and image:
+        raise BadRow(f"{where}: '{text_key}' side has both an image and '{video_key}'; one visual per side")
+    if text.count(VIDEO_PLACEHOLDER) > 1:
+        raise BadRow(f"{where}: '{text_key}' has {text.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER}; one video "
+                     f"per side is supported")
+    if (VIDEO_PLACEHOLDER in text) != bool(video):
+        raise BadRow(f"{where}: '{text_key}' {'has' if VIDEO_PLACEHOLDER in text else 'has no'} "
+                     f"{VIDEO_PLACEHOLDER} but '{video_key}' is {repr(video) if video else 'empty'}")
+
+
+def _agree(text: str, image: str, text_key: str, image_key: str, where: str, video: str = "") -> None:
+    if not image and not video and not text.strip():  # no token at all: the row's embedding would have no input
         raise BadRow(f"{where}: '{text_key}' is {'empty' if not text else 'whitespace only'} and '{image_key}' "
                      f"is empty: nothing to embed")
     if text.count(IMAGE_PLACEHOLDER) > 1:
@@ -74,6 +88,12 @@ def _agree(text: str, image: str, text_key: str, image_key: str, where: str) -> 
     if (IMAGE_PLACEHOLDER in text) != bool(image):
         raise BadRow(f"{where}: '{text_key}' {'has' if IMAGE_PLACEHOLDER in text else 'has no'} "
                      f"{IMAGE_PLACEHOLDER} but '{image_key}' is {repr(image) if image else 'empty'}")
+
+
+def _check_side(text: str, image: str, video: str, text_key: str, image_key: str, video_key: str,
+                where: str) -> None:
+    _agree(text, image, text_key, image_key, where, video)
+    _agree_video(text, video, image, text_key, video_key, where)
 
 
 def _negatives(row: dict, where: str) -> tuple[list[str], list[str]]:
@@ -103,13 +123,17 @@ def _negatives(row: dict, where: str) -> tuple[list[str], list[str]]:
 
 
 def check_train_row(row: dict, where: str, hard_negatives: int = 0) -> dict:
-    """The row reduced to its four fields (image paths as strings, '' for none), plus ``neg_text`` and
+    """The row reduced to its four fields and the two video paths (paths as strings, '' for none), plus ``neg_text`` and
     ``neg_image_path`` lists when it has hard negatives, or ``BadRow``; with ``hard_negatives`` > 0 a row
     with fewer negatives is a bad row."""
     out = {"qry": _text(row, "qry", where), "qry_image_path": _image(row, "qry_image_path", where),
            "pos_text": _text(row, "pos_text", where), "pos_image_path": _image(row, "pos_image_path", where)}
-    _agree(out["qry"], out["qry_image_path"], "qry", "qry_image_path", where)
-    _agree(out["pos_text"], out["pos_image_path"], "pos_text", "pos_image_path", where)
+    videos = {key: _image(row, key, where) for key in ("qry_video_path", "pos_video_path")}
+    _check_side(out["qry"], out["qry_image_path"], videos["qry_video_path"], "qry", "qry_image_path",
+                "qry_video_path", where)
+    _check_side(out["pos_text"], out["pos_image_path"], videos["pos_video_path"], "pos_text", "pos_image_path",
+                "pos_video_path", where)
+    out.update({key: path for key, path in videos.items() if path})  # only rows with videos carry the keys
     texts, images = _negatives(row, where)
     if len(texts) < hard_negatives:
         raise BadRow(f"{where}: --hard-negatives {hard_negatives} expected at least {hard_negatives} negatives in "
@@ -131,9 +155,27 @@ def check_eval_row(row: dict, where: str) -> dict:
     if len(images) != len(texts):
         raise BadRow(f"{where}: 'tgt_text' has {len(texts)} candidates but 'tgt_img_path' has {len(images)}")
     out["tgt_text"], out["tgt_img_path"] = texts, [p or "" for p in images]
-    _agree(out["qry_text"], out["qry_img_path"], "qry_text", "qry_img_path", where)
-    for i, (text, image) in enumerate(zip(out["tgt_text"], out["tgt_img_path"])):
-        _agree(text, image, f"tgt_text[{i}]", f"tgt_img_path[{i}]", where)
+    out["qry_video_path"] = _image(row, "qry_video_path", where)
+    videos = row.get("tgt_video_path") or [""] * len(texts)
+    if not isinstance(videos, list) or not all(isinstance(p, str) or p is None for p in videos):
+        raise BadRow(f"{where}: 'tgt_video_path' expected a list of video paths, got {videos!r:.80}")
+    if len(videos) != len(texts):
+        raise BadRow(f"{where}: 'tgt_text' has {len(texts)} candidates but 'tgt_video_path' has {len(videos)}")
+    out["tgt_video_path"] = [p or "" for p in videos]
+    _check_side(out["qry_text"], out["qry_img_path"], out["qry_video_path"], "qry_text", "qry_img_path",
+                "qry_video_path", where)
+    for i, (text, image, video) in enumerate(zip(out["tgt_text"], out["tgt_img_path"], out["tgt_video_path"])):
+        _check_side(text, image, video, f"tgt_text[{i}]", f"tgt_img_path[{i}]", f"tgt_video_path[{i}]", where)
+    if "rel_scores" in row:  # a visdoc row (MMEB-V2's qrels): ranked against every candidate of its subset
+        scores = row["rel_scores"]
+        if (not isinstance(scores, list) or len(scores) != len(texts) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in scores)
+                or not any(x > 0 for x in scores)):
+            raise BadRow(f"{where}: 'rel_scores' expected a list of {len(texts)} numbers >= 0 (one per candidate, "
+                         f"at least one > 0), got {scores!r:.80}")
+        out["rel_scores"] = [float(x) for x in scores]
+    if not out["qry_video_path"] and not any(out["tgt_video_path"]):  # rows without videos stay as they were
+        del out["qry_video_path"], out["tgt_video_path"]
     return out
 
 

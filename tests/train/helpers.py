@@ -29,3 +29,8 @@ def run_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--image-dir", str(data / "images"), "--out-dir", str(out), "--global-batch", "8", "--chunk-size", "4",
             "--lr", "1e-3", "--warmup-steps", "1", "--temperature", "0.1", "--prefix-len", "3",
             "--checkpoint-every", "100", "--log-every", "100", *extra]
+
+
+# the keys of an eval.json subset (counts aside): Hit@1 per mode under the mode's name, its ranking metrics
+EVAL_KEYS = {"chance"} | {f"{mode}{metric}" for mode in ("single", "aggregate", "none")
+                          for metric in ("", " ndcg@5", " recall@1", " recall@5", " recall@10")}
