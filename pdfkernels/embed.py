@@ -264,16 +264,6 @@ def precision_at_1(out: str | Path) -> dict[str, float]:
     return scores
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        return rank, size, torch.device("cuda", torch.cuda.current_device())
-    return rank, size, torch.device("cpu")
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pdfkernels.embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export folder (python -m pdfkernels.export)")
@@ -313,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
     from pdfkernels.train.data import ImageLoader
     from pdfkernels.train.loader import default_workers, ignore_signals, iterate
     from pdfkernels.train.model import image_processor, make_collator
+    from pdfkernels.train.run import setup_distributed  # the trainer's: torchrun's variables, nccl or gloo
 
     rank, world, device = setup_distributed()
     out = Path(args.out)
