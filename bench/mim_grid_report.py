@@ -61,10 +61,10 @@ def load_run(folder: Path) -> dict | None:
 
 
 def group(runs: list[dict]) -> dict[tuple[float, int], list[dict]]:
-    settings: dict[tuple[float, int], list[dict]] = {}
+    cells: dict[tuple[float, int], list[dict]] = {}
     for run in sorted(runs, key=lambda r: (r["lambda_mim"], r["estimator_steps"], r["seed"])):
-        settings.setdefault((run["lambda_mim"], run["estimator_steps"]), []).append(run)
-    return settings
+        cells.setdefault((run["lambda_mim"], run["estimator_steps"]), []).append(run)
+    return cells
 
 
 def _mean(runs: list[dict], key: str) -> float | None:
@@ -76,11 +76,11 @@ def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def table(settings: dict[tuple[float, int], list[dict]]) -> str:
+def table(cells: dict[tuple[float, int], list[dict]]) -> str:
     lines = ["| λ_MIM | K | seeds | P@1 single | P@1 aggregate | P@1 none | emb cos (last 10%) | emb cos min | "
              "prefix cos start → end | prefix update cos | MI est. (last 10%) | MI est. min | steps MI < 0 | "
              "longest MI < 0 run | est. loss (last 10%) | mean ‖h‖ |", "|---" * 16 + "|"]
-    for (lam, k), runs in settings.items():
+    for (lam, k), runs in cells.items():
         p1 = [" – ".join(f"{v:.0f}" for v in (min(vals), max(vals))) if len(vals) > 1 else "" for vals in
               ([r["p1"][m] for r in runs] for m in ("single", "aggregate", "none"))]
         means = [statistics.fmean(r["p1"][m] for r in runs) for m in ("single", "aggregate", "none")]
@@ -102,7 +102,7 @@ def _smooth(values: list[float], window: int = 5) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def plot(settings: dict[tuple[float, int], list[dict]], path: Path) -> bool:
+def plot(cells: dict[tuple[float, int], list[dict]], path: Path) -> bool:
     """One panel per curve, one line per setting (mean over seeds, 5-step running mean); False without
     matplotlib."""
     try:
@@ -112,11 +112,11 @@ def plot(settings: dict[tuple[float, int], list[dict]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    lambdas = sorted({lam for lam, _ in settings})
+    lambdas = sorted({lam for lam, _ in cells})
     colors = {lam: plt.get_cmap("tab10")(i) for i, lam in enumerate(lambdas)}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, (key, title) in zip(axes.flat, CURVES):
-        for (lam, k), runs in settings.items():
+        for (lam, k), runs in cells.items():
             curves = [r["curves"][key] for r in runs if key in r["curves"]]
             if not curves:
                 continue
@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run for folder in sorted(args.runs.iterdir()) if (run := load_run(folder)) is not None]
     if not runs:
         raise SystemExit(f"no finished runs under {args.runs}")
-    settings = group(runs)
+    cells = group(runs)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "table.md").write_text(table(settings))
+    (args.results / "table.md").write_text(table(cells))
     summary = [{k: v for k, v in run.items() if k != "curves"} for run in runs]
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(table(settings))
-    if not plot(settings, args.results / "mim-grid.png"):
+    print(table(cells))
+    if not plot(cells, args.results / "mim-grid.png"):
         print("matplotlib is missing: no plot (pip install -e '.[plot]')")
 
 

@@ -25,30 +25,26 @@ import io
 import sys
 
 import torch
-import transformers
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from pdfkernels import models
 from pdfkernels.bench.flops import linear_conv_flops
-from pdfkernels.models.presets import has_qwen3vl, qwen2_5vl_3b, qwen2_5vl_7b, qwen2vl_2b, qwen3vl_2b
+from pdfkernels.models.architectures import has_qwen3vl
+from pdfkernels.models.families import PRESETS, model_class
 from pdfkernels.train.config import VLM2VEC_TARGETS
 
 PAPER = {"vlm2vec_params_b": 2.214, "vlm2vec_share": 0.211, "pdf_params_b": 2.219, "pdf_share": 0.449,
          "baseline_tflops": 18.925, "single_tflops": 18.937, "aggregate_tflops": 24.999}
 IMAGE_SIDE, TEXT_TOKENS, NUM_PATHS, PREFIX_LEN = 1344, 10, 2, 20
 _MERGED = ("merger", "deepstack_merger_list")  # vision modules that see the merged tokens (Qwen3-VL: DeepStack)
-# preset name -> (model class, config); Table 4 is the first
-BACKBONES = {"qwen2vl-2b": (Qwen2VLForConditionalGeneration, qwen2vl_2b),
-             "qwen2.5vl-3b": (Qwen2_5_VLForConditionalGeneration, qwen2_5vl_3b),
-             "qwen2.5vl-7b": (Qwen2_5_VLForConditionalGeneration, qwen2_5vl_7b)}
-if has_qwen3vl():
-    BACKBONES["qwen3vl-2b"] = (transformers.Qwen3VLForConditionalGeneration, qwen3vl_2b)
+# the presets (models/families.py) counted; Table 4 is the first
+BACKBONES = ("qwen2vl-2b", "qwen2.5vl-3b", "qwen2.5vl-7b") + (("qwen3vl-2b",) if has_qwen3vl() else ())
 
 
 def _meta_model(preset: str = "qwen2vl-2b"):
-    cls, config = BACKBONES[preset]
+    model_type, architecture = PRESETS[preset]
+    cls = model_class(model_type, f"preset {preset!r}")
     with torch.device("meta"):
-        model = cls(config())
+        model = cls(architecture(0))  # the real presets keep their own vocabulary
     if hasattr(model, "set_attn_implementation"):  # 4.54+; 4.52's classes read the config
         model.set_attn_implementation("eager")
     else:

@@ -20,7 +20,7 @@ import torch
 
 from pdfkernels.bench.common import CUDA, DEVICE, QUICK, device_name, sync
 from pdfkernels.bench.mmeb_like import image_pairs
-from pdfkernels.models.presets import qwen2vl_2b, tiny_qwen2vl
+from pdfkernels.models.architectures import qwen2vl_2b, tiny_qwen2vl
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader, Qwen2VLCollator, TrainSampler
 from pdfkernels.train.loader import StepShares, TrainBatches
@@ -33,19 +33,19 @@ STEPS = 4 if CUDA else (2 if QUICK else 4)
 _DATA = Path(tempfile.mkdtemp(prefix="pdf-bench-pipeline-"))
 
 
-def _collator(arch) -> Qwen2VLCollator:
+def _collator(model_config) -> Qwen2VLCollator:
     tokenizer = local_tokenizer(all_words())
-    set_special_ids(arch, tokenizer)
-    return Qwen2VLCollator(tokenizer, image_processor(kind="qwen2_vl"), arch)
+    set_special_ids(model_config, tokenizer)
+    return Qwen2VLCollator(tokenizer, image_processor(model_type="qwen2_vl"), model_config)
 
 
-def _arch():
+def _model_config():
     if CUDA:
         return qwen2vl_2b()
-    arch = tiny_qwen2vl(len(local_tokenizer(all_words())))
-    arch.vision_config.patch_size = 14  # the real processor's patches
-    arch.text_config.max_position_embeddings = 4096
-    return arch
+    model_config = tiny_qwen2vl(len(local_tokenizer(all_words())))
+    model_config.vision_config.patch_size = 14  # the real processor's patches
+    model_config.text_config.max_position_embeddings = 4096
+    return model_config
 
 
 def _shares(collator) -> StepShares:
@@ -56,7 +56,7 @@ def _shares(collator) -> StepShares:
 
 @pytest.mark.parametrize("workers", [0, 2, 4])
 def test_pipeline_pairs_per_s(benchmark, workers):
-    collator = _collator(_arch())
+    collator = _collator(_model_config())
     shares = _shares(collator)
 
     def steps():
@@ -79,12 +79,12 @@ def test_model_step_on_the_same_batch(benchmark):
     from pdfkernels.train.run import make_parts
     from pdfkernels.train.step import train_step
 
-    arch = _arch()
-    collator = _collator(arch)
+    model_config = _model_config()
+    collator = _collator(model_config)
     config = TrainConfig(model="qwen2vl-2b" if CUDA else "tiny", global_batch=PAIRS, chunk_size=PAIRS,
                          lora_r=8 if CUDA else 0)
     with torch.device(DEVICE):
-        model = Qwen2VLForConditionalGeneration(arch)
+        model = Qwen2VLForConditionalGeneration(model_config)
     models.apply_pdf(model, num_paths=config.num_paths, prefix_len=config.prefix_len)
     if CUDA:
         import peft

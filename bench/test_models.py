@@ -21,7 +21,7 @@ from pdfkernels.bench.common import CUDA, DEVICE, device_name, library_version
 from pdfkernels.bench.flops import count_flops
 from pdfkernels.bench.memory import cuda_peak_extra_bytes
 from pdfkernels.bench.schema import timed_info
-from pdfkernels.models.presets import llava_next_7b, qwen2vl_2b, small_qwen2vl
+from pdfkernels.models.architectures import llava_next_7b, qwen2vl_2b, small_qwen2vl
 
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 TEXT_TOKENS = 10
@@ -60,25 +60,25 @@ def _llava_next_case():
                    "image_sizes": sizes}
 
 
-ARCHS = {"qwen2vl-2b" if CUDA else "qwen2vl-small-cpu": _qwen2vl_case}
+BACKBONES = {"qwen2vl-2b" if CUDA else "qwen2vl-small-cpu": _qwen2vl_case}
 if CUDA:
-    ARCHS["llava-next-7b"] = _llava_next_case
+    BACKBONES["llava-next-7b"] = _llava_next_case
 VARIANTS = ["unpatched", "no-prefix", "single-prefix", "two-paths"]
 _CACHE: dict = {}
 
 
-def _case(arch: str):
-    if arch not in _CACHE:
+def _case(backbone: str):
+    if backbone not in _CACHE:
         _CACHE.clear()
         if CUDA:
             torch.cuda.empty_cache()
-        unpatched, inputs = ARCHS[arch]()
-        _CACHE[arch] = (unpatched, inputs)
-    return _CACHE[arch]
+        unpatched, inputs = BACKBONES[backbone]()
+        _CACHE[backbone] = (unpatched, inputs)
+    return _CACHE[backbone]
 
 
-def _forward(arch: str, variant: str):
-    model, inputs = _case(arch)
+def _forward(backbone: str, variant: str):
+    model, inputs = _case(backbone)
     if variant == "unpatched":
         if hasattr(model, "pdf_prefix"):
             raise RuntimeError("unpatched must run before the patch")
@@ -94,9 +94,9 @@ def _forward(arch: str, variant: str):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)  # in this order: unpatched first, then the patched model
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_model_forward(benchmark, arch, variant):
-    run = _forward(arch, variant)
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_model_forward(benchmark, backbone, variant):
+    run = _forward(backbone, variant)
 
     def timed():
         with torch.no_grad():
@@ -106,12 +106,12 @@ def test_model_forward(benchmark, arch, variant):
 
     for _ in range(2):
         timed()
-    model, inputs = _case(arch)
+    model, inputs = _case(backbone)
     flops = count_flops(model, timed)
     benchmark.pedantic(timed, rounds=10 if CUDA else 5, iterations=1, warmup_rounds=1)
-    shape = f"{arch} 1 x {inputs['input_ids'].shape[1]} tokens"
+    shape = f"{backbone} 1 x {inputs['input_ids'].shape[1]} tokens"
     benchmark.extra_info.update(timed_info(
         variant, "fwd", shape, str(DTYPE).removeprefix("torch."), device_name(),
         library_version("transformers" if variant == "unpatched" else "pdfkernels"), flops=flops.total,
         peak_extra_bytes=cuda_peak_extra_bytes(timed) if CUDA else None,
-        arch=arch, variant=variant, flop_count=flops.as_dict()))
+        backbone=backbone, variant=variant, flop_count=flops.as_dict()))

@@ -2,8 +2,8 @@
 
     pytest bench/test_vclub.py --benchmark-only
 
-GPU: the paper's settings, B = 1024 with N = 2, d = 1536 (2B; also B = 256, 512) and N = 4, d = 3584 (7B).
-CPU: B = 128, 256, 512 with N = 2, d = 1536 (the broadcast of the full settings does not fit next to its
+GPU: the paper's sizes, B = 1024 with N = 2, d = 1536 (2B; also B = 256, 512) and N = 4, d = 3584 (7B).
+CPU: B = 128, 256, 512 with N = 2, d = 1536 (the broadcast of the full sizes does not fit next to its
 gradients in 24 GB); --quick: B = 64, 128. Peak
 extra memory and the floor (reading y, mu, logvar once) are attached to each result as extra_info.
 """

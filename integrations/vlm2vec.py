@@ -51,46 +51,46 @@ PDF_FILE = "pdf.safetensors"
 ESTIMATOR_OPTIMIZER_FILE = "pdf_estimator_optimizer.pt"
 AGGREGATOR_OPTIMIZER_FILE = "pdf_aggregator_optimizer.pt"  # DeepSpeed only (elsewhere in the Trainer's optimizer)
 
-__all__ = ["AGGREGATOR_OPTIMIZER_FILE", "ESTIMATOR_OPTIMIZER_FILE", "PDF_FILE", "PDFSettings", "PDFTrainerMixin",
-           "load_checkpoint", "pdf_trainer"]
+__all__ = ["AGGREGATOR_OPTIMIZER_FILE", "ESTIMATOR_OPTIMIZER_FILE", "PDF_FILE", "PDFObjective", "PDFTrainerMixin",
+           "load_pdf_weights", "pdf_trainer"]
 
 
 @dataclasses.dataclass(frozen=True)
-class PDFSettings(Objective):
-    """The objective's settings as ``pdf_trainer`` takes them (``models/objective.py``, the lean trainer's
+class PDFObjective(Objective):
+    """The objective as ``pdf_trainer`` takes it (``models/objective.py``, the lean trainer's
     too); ``temperature=None`` (the default here) takes VLM2Vec's ``--temperature`` from the ``MMEBModel``."""
 
     temperature: float | None = None
 
 
-def settings_of(**settings) -> PDFSettings:
-    """``PDFSettings(**settings)``, a refused value named as ``pdf_trainer``'s argument."""
+def objective_of(**fields) -> PDFObjective:
+    """``PDFObjective(**fields)``, a refused value named as ``pdf_trainer``'s argument."""
     try:
-        return PDFSettings(**settings)
+        return PDFObjective(**fields)
     except ObjectiveError as error:
         raise ValueError(f"pdf_trainer: argument {error}") from None
 
 
-def _patch(model: nn.Module, settings: PDFSettings) -> None:
-    """``apply_pdf`` on an unpatched model; a patched one must have the settings' N and K."""
+def _patch(model: nn.Module, objective: PDFObjective) -> None:
+    """``apply_pdf`` on an unpatched model; a patched one must have the objective's N and K."""
     hf = hf_model(model)
     if not hasattr(hf, "pdf_prefix"):
-        models.apply_pdf(model, settings.num_paths, settings.prefix_len, seed=settings.seed)
-    elif (hf.pdf_num_paths, hf.pdf_prefix_len) != (settings.num_paths, settings.prefix_len):
+        models.apply_pdf(model, objective.num_paths, objective.prefix_len, seed=objective.seed)
+    elif (hf.pdf_num_paths, hf.pdf_prefix_len) != (objective.num_paths, objective.prefix_len):
         raise ValueError(f"pdf_trainer: the model is already patched with num_paths={hf.pdf_num_paths}, "
-                         f"prefix_len={hf.pdf_prefix_len}, but the trainer asks for num_paths={settings.num_paths}, "
-                         f"prefix_len={settings.prefix_len}")
+                         f"prefix_len={hf.pdf_prefix_len}, but the trainer asks for num_paths={objective.num_paths}, "
+                         f"prefix_len={objective.prefix_len}")
     models.mark_pdf_trainable(model)  # peft may have frozen it
 
 
-def build_heads(model: nn.Module, settings: PDFSettings) -> tuple[nn.Module | None, nn.Module | None]:
-    """The aggregator (N > 1) and the vCLUB estimator (when the MIM term is on), fp32, from ``settings.seed``
+def build_heads(model: nn.Module, objective: PDFObjective) -> tuple[nn.Module | None, nn.Module | None]:
+    """The aggregator (N > 1) and the vCLUB estimator (when the MIM term is on), fp32, from ``objective.seed``
     (the global RNG is left as it was): every rank builds the same weights."""
     dim = models.text_config(model).hidden_size
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        aggregator = models.Aggregator(dim, settings.num_paths) if settings.num_paths > 1 else None
-        estimator = models.VCLUB(dim) if settings.trains_estimator else None
+        torch.manual_seed(objective.seed)
+        aggregator = models.Aggregator(dim, objective.num_paths) if objective.num_paths > 1 else None
+        estimator = models.VCLUB(dim) if objective.trains_estimator else None
     return aggregator, estimator
 
 
@@ -114,15 +114,15 @@ class _ZeroHeadGrads:
 class PDFTrainerMixin:
     """Put before VLM2Vec's trainer class (``pdf_trainer`` does): see the module's docstring."""
 
-    pdf_settings: PDFSettings = PDFSettings()
+    pdf_objective: PDFObjective = PDFObjective()
 
     def __init__(self, *args, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if model is None or not hasattr(model, "encode_input"):
             raise TypeError(f"pdf_trainer: argument 'model' expected VLM2Vec's MMEBModel (with encode_input), got "
                             f"{type(model).__name__}")
-        _patch(model, self.pdf_settings)
-        self.pdf_aggregator, self.pdf_estimator = build_heads(model, self.pdf_settings)
+        _patch(model, self.pdf_objective)
+        self.pdf_aggregator, self.pdf_estimator = build_heads(model, self.pdf_objective)
         self.pdf_metrics: dict[str, float] = {}
         self.pdf_aggregator_optimizer = None  # DeepSpeed only (create_optimizer)
         self._pdf_aggregator_state = None  # its state from a checkpoint, loaded when it is built
@@ -132,7 +132,7 @@ class PDFTrainerMixin:
             if head is not None:
                 head.to(self.args.device)
         self.pdf_estimator_optimizer = (None if self.pdf_estimator is None else torch.optim.AdamW(
-            self.pdf_estimator.parameters(), lr=self.pdf_settings.estimator_lr))
+            self.pdf_estimator.parameters(), lr=self.pdf_objective.estimator_lr))
         self.add_callback(_ZeroHeadGrads(self))
 
     # --- optimizer: the aggregator trains with the backbone's adapters and the prefix
@@ -160,36 +160,36 @@ class PDFTrainerMixin:
 
     # --- the step
     def _pdf_temperature(self) -> float:
-        if self.pdf_settings.temperature is not None:
-            return self.pdf_settings.temperature
+        if self.pdf_objective.temperature is not None:
+            return self.pdf_objective.temperature
         return float(getattr(self.model, "temperature", 0.02))
 
     def _pdf_encode(self, model: nn.Module, chunk: dict, side: str) -> torch.Tensor:
         """``[N, b, d]`` fp32 embeddings of every path through VLM2Vec's own forward (k·b rows, path-major)."""
         reps = model(**{side: chunk})[f"{side}_reps"]
-        return reps.float().view(self.pdf_settings.num_paths, -1, reps.shape[-1])
+        return reps.float().view(self.pdf_objective.num_paths, -1, reps.shape[-1])
 
     def training_step(self, model: nn.Module, inputs, *args, **kwargs) -> torch.Tensor:
         model.train()
         for head in (self.pdf_aggregator, self.pdf_estimator):
             if head is not None:
                 head.train()
-        settings = self.pdf_settings
+        objective = self.pdf_objective
         queries, targets, negatives, valid = split_inputs(to_device(inputs, self.args.device),
-                                                          settings.hard_negatives)
+                                                          objective.hard_negatives)
         target_size = getattr(self.args, "gc_p_chunk_size", None)
         batch = Batch(split_rows(queries, getattr(self.args, "gc_q_chunk_size", None)),
                       split_rows(targets, target_size),
                       split_rows(negatives, target_size) if negatives is not None else [], valid)
         sides = {QUERY: "qry", TARGET: "tgt", NEGATIVE: "tgt"}  # negatives are encoded as targets
-        paths = list(range(settings.num_paths))
+        paths = list(range(objective.num_paths))
 
         def encode(side: str, chunk: dict) -> torch.Tensor:
             with models.use_paths(self.model, paths):
                 return self._pdf_encode(model, chunk, sides[side])
 
         hooks = trainer_hooks(self, model)
-        result = gradcache_step(encode, batch, settings, self._pdf_temperature(),
+        result = gradcache_step(encode, batch, objective, self._pdf_temperature(),
                                 Heads(self.pdf_aggregator, self.pdf_estimator, self.pdf_estimator_optimizer), hooks)
         self.pdf_metrics = {k: float(v) for k, v in result.metrics.items()}
         return result.loss / accumulation_steps(self)
@@ -220,7 +220,7 @@ class PDFTrainerMixin:
 
     def _pdf_load(self, checkpoint: str, target: nn.Module) -> None:
         """The prefix (into ``target``), the heads and their optimizers' states from ``checkpoint``."""
-        _patch(target, self.pdf_settings)
+        _patch(target, self.pdf_objective)
         models.load_pdf(self._pdf_file(checkpoint), target, self.pdf_aggregator, self.pdf_estimator)
         if self.pdf_estimator_optimizer is not None:
             self.pdf_estimator_optimizer.load_state_dict(torch.load(
@@ -249,13 +249,13 @@ class PDFTrainerMixin:
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
-def pdf_trainer(base: type, **settings) -> type:
+def pdf_trainer(base: type, **fields) -> type:
     """``base`` (VLM2Vec's ``GradCacheLateProcessTrainer``, ``MMEBTrainer``, ...) trained on the PDF objective;
-    ``settings``: the fields of ``PDFSettings`` (``models.objective.Objective``'s). Constructed exactly as ``base``."""
-    return type(f"PDF{base.__name__}", (PDFTrainerMixin, base), {"pdf_settings": settings_of(**settings)})
+    ``fields``: those of ``PDFObjective`` (``models.objective.Objective``'s). Constructed exactly as ``base``."""
+    return type(f"PDF{base.__name__}", (PDFTrainerMixin, base), {"pdf_objective": objective_of(**fields)})
 
 
-def load_checkpoint(model: nn.Module, directory: str | os.PathLike, aggregator: bool = False):
+def load_pdf_weights(model: nn.Module, directory: str | os.PathLike, aggregator: bool = False):
     """Deploy from a VLM2Vec checkpoint (``checkpoint-N/`` or the final output folder): patch ``model`` (e.g.
     ``MMEBModel.load(model_args)``) with the N and K stored in its ``pdf.safetensors`` and load the prefix;
     with ``aggregator=True`` also return the trained aggregator (the "aggregate" strategy). Then embed
@@ -264,11 +264,11 @@ def load_checkpoint(model: nn.Module, directory: str | os.PathLike, aggregator: 
 
     path = os.path.join(directory, PDF_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_checkpoint: {directory} holds no {PDF_FILE} (not written by a PDF run)")
+        raise FileNotFoundError(f"load_pdf_weights: {directory} holds no {PDF_FILE} (not written by a PDF run)")
     with safe_open(path, framework="pt") as f:
         stored = json.loads((f.metadata() or {}).get("pdf", "{}"))
-    settings = PDFSettings(num_paths=stored["num_paths"], prefix_len=stored["prefix_len"], lambda_mim=0.0)
-    _patch(model, settings)
-    head = build_heads(model, settings)[0] if aggregator else None
+    objective = PDFObjective(num_paths=stored["num_paths"], prefix_len=stored["prefix_len"], lambda_mim=0.0)
+    _patch(model, objective)
+    head = build_heads(model, objective)[0] if aggregator else None
     models.load_pdf(path, model, head)
     return (model, head) if aggregator else model

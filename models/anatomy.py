@@ -15,36 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-SUPPORTED = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2_5_VLForConditionalGeneration",
-             "Qwen2_5_VLModel", "Qwen3VLForConditionalGeneration", "Qwen3VLModel",
-             "LlavaNextForConditionalGeneration", "LlavaForConditionalGeneration", "Phi3VForCausalLM")
-
-
-@dataclass(frozen=True)
-class AttentionForm:
-    """How one family's text attention computes its queries, keys and values (the rest of the PDF forward is
-    shared): ``fused_qkv``: one ``qkv_proj`` split into q, k, v (Phi-3-V) instead of q/k/v_proj; ``qk_norm``:
-    per-head ``q_norm`` / ``k_norm`` before the rotary (Qwen3-VL); ``own_rotary``: each attention module computes
-    cos/sin from ``position_ids`` with its own ``rotary_emb`` (Phi-3-V) instead of receiving the stack's
-    ``position_embeddings``; ``embeds_images``: the stack's forward embeds ``input_ids`` (and images) itself and
-    ignores ``inputs_embeds`` (Phi-3-V)."""
-
-    fused_qkv: bool = False
-    qk_norm: bool = False
-    own_rotary: bool = False
-    embeds_images: bool = False
-
-    @property
-    def projections(self) -> tuple[str, ...]:
-        extra = ("q_norm", "k_norm") if self.qk_norm else ()
-        return (("qkv_proj",) if self.fused_qkv else ("q_proj", "k_proj", "v_proj")) + ("o_proj", *extra)
-
-
-_PLAIN = AttentionForm()
-# the supported decoder stacks by class name (Hugging Face's and VLM2Vec's vendored ones)
-TEXT_STACKS = {"Qwen2VLModel": _PLAIN, "Qwen2VLTextModel": _PLAIN, "Qwen2_5_VLModel": _PLAIN,
-               "Qwen2_5_VLTextModel": _PLAIN, "Qwen3VLTextModel": AttentionForm(qk_norm=True), "MistralModel": _PLAIN,
-               "LlamaModel": _PLAIN, "Phi3VModel": AttentionForm(fused_qkv=True, own_rotary=True, embeds_images=True)}
+from .families import SUPPORTED, TEXT_STACKS, AttentionForm
 
 
 def hf_model(model: nn.Module) -> nn.Module:

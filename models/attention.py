@@ -17,7 +17,7 @@ reentrant checkpointing replays a layer on detached copies of its tensor argumen
 that mechanism is eager only (Dynamo cannot trace an attribute on a storage).
 
 What differs between families is only how q, k and v are computed (``_project``, chosen by the stack's
-``anatomy.AttentionForm``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
+``families.AttentionForm``): separate or fused projections, per-head q/k norms, the stack's or the module's rotary.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from torch import nn
 
 from pdfkernels.prefix_attention import prefix_attention_known_paths
 
-from .anatomy import AttentionForm, Decoder
+from .anatomy import Decoder
+from .families import AttentionForm
 from .masks import key_padding_mask
 
 PATHS_ATTR = "_pdf_paths"  # Phi-3-V: on the storage of the position ids a forward hands its layers

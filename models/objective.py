@@ -1,4 +1,4 @@
-"""The PDF objective (paper §3, Eqs. 4-8), its one set of settings and its one set of metric names, shared by
+"""The PDF objective (paper §3, Eqs. 4-8), its one set of fields and its one set of metric names, shared by
 the lean trainer (``pdfkernels.train``) and the VLM2Vec integration (``pdfkernels.integrations.vlm2vec``).
 The GradCache step that runs it over chunks is ``models/gradcache.py``."""
 
@@ -35,7 +35,7 @@ class ObjectiveError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """The PDF objective's settings (the paper's defaults). ``temperature=None``: the caller's own (VLM2Vec's
+    """The PDF objective's fields (the paper's defaults). ``temperature=None``: the caller's own (VLM2Vec's
     ``--temperature``); ``seed``: the prefix's and heads' initialisation (the same on every rank)."""
 
     num_paths: int = 2

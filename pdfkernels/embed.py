@@ -8,7 +8,7 @@ or training rows (``qry``, ``qry_image_path``, ``pos_text``, ``pos_image_path``)
 and each distinct target (text + image path) is embedded once, queries first, as the trainer's evaluation
 orders and batches them (train/evaluate.py ``unique_items``; same ``--batch-size``, same batches).
 
-``OUT`` holds ``embed.json`` (the settings; a rerun with other settings is refused), ``items.jsonl`` (per
+``OUT`` holds ``embed.json`` (the parameters; a rerun with other parameters is refused), ``items.jsonl`` (per
 embedding: its ``id``, file, ``query``/``target``, text and image), ``rows.jsonl`` (per data row: file, line, the
 ids of its query and targets) and the embeddings in shards of ``--shard-size`` items per file:
 ``shard-NNNNN.npy`` (``[n, d]``, ``--save-dtype`` float32 or float16; or ``.safetensors`` with ``embeddings``
@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from pdfkernels import stock_loader
 
 log = logging.getLogger("pdf.embed")
-SETTINGS_FILE = "embed.json"
-SETTINGS = ("model", "data", "image_dir", "batch_size", "shard_size", "save_dtype", "format", "dtype",
+PARAMETERS_FILE = "embed.json"
+PARAMETERS = ("model", "data", "image_dir", "batch_size", "shard_size", "save_dtype", "format", "dtype",
             "max_length", "image_resolution", "bad_rows", "bad_images", "allow_outside_images")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -211,24 +211,24 @@ def write_index(out: Path, parts: list[Part]) -> None:
         os.replace(tmp, out / name)
 
 
-def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
+def check_parameters(out: Path, parameters: dict, overwrite: bool) -> None:
     """Refuse an ``OUT`` holding another embedding run's shards; start it afresh with ``--overwrite``."""
-    previous = out / SETTINGS_FILE
+    previous = out / PARAMETERS_FILE
     if previous.is_file() and not overwrite:
         saved = json.loads(previous.read_text())
-        changed = [f"{k}: {saved.get(k)!r} -> {settings[k]!r}" for k in settings if saved.get(k) != settings[k]]
+        changed = [f"{k}: {saved.get(k)!r} -> {parameters[k]!r}" for k in parameters if saved.get(k) != parameters[k]]
         if changed:
             raise EmbedError(f"--out {out} holds embeddings made with other settings ({'; '.join(changed)}); use "
                              f"another --out or --overwrite")
     elif out.exists() and any(out.iterdir()) and not previous.is_file() and not overwrite:
-        raise EmbedError(f"--out {out} is not empty and holds no {SETTINGS_FILE}; use another --out or --overwrite")
+        raise EmbedError(f"--out {out} is not empty and holds no {PARAMETERS_FILE}; use another --out or --overwrite")
 
 
 def read_embeddings(out: str | Path) -> torch.Tensor:
     """All embeddings of a finished ``OUT`` as one ``[items, d]`` float32 tensor, rows in id order."""
     out = Path(out)
-    settings = json.loads((out / SETTINGS_FILE).read_text())
-    fmt = settings["format"]
+    parameters = json.loads((out / PARAMETERS_FILE).read_text())
+    fmt = parameters["format"]
     records = sorted(out.glob("shard-*.json"))
     parts = []
     for record in records:
@@ -253,7 +253,7 @@ def precision_at_1(out: str | Path) -> dict[str, float]:
     for line in (out / "rows.jsonl").read_text().splitlines():
         row = json.loads(line)
         rows.setdefault(row["file"], []).append(row)
-    kinds = json.loads((out / SETTINGS_FILE).read_text())["eval_files"]
+    kinds = json.loads((out / PARAMETERS_FILE).read_text())["eval_files"]
     scores = {}
     for file, entries in rows.items():
         if file not in kinds:
@@ -315,22 +315,22 @@ def run(args: argparse.Namespace) -> dict:
     offset = 0
     for part in parts:
         part.first_id, offset = offset, offset + len(part.items)
-    settings = {k: getattr(args, k) for k in SETTINGS}
-    settings.update(items=offset, eval_files=[p.path for p in parts if p.eval_format])
+    parameters = {k: getattr(args, k) for k in PARAMETERS}
+    parameters.update(items=offset, eval_files=[p.path for p in parts if p.eval_format])
     if rank == 0:
-        check_settings(out, settings, args.overwrite)
+        check_parameters(out, parameters, args.overwrite)
         if args.overwrite and out.exists():
             for stale in [*out.glob("shard-*"), *out.glob(".shard-*"), out / "scores.json"]:
                 stale.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         write_index(out, parts)
-        (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+        (out / PARAMETERS_FILE).write_text(json.dumps(parameters, indent=1) + "\n")
     if dist.is_initialized():
         dist.barrier()
 
     embedder = stock_loader.load(args.model, dtype=DTYPES[args.dtype], device=device)
     tokenizer = stock_loader.load_tokenizer(args.model)
-    processor = image_processor(source=args.model, kind=embedder.model.config.model_type)
+    processor = image_processor(source=args.model, model_type=embedder.model.config.model_type)
     collator = make_collator(embedder.model, tokenizer, processor, args.max_length, args.image_resolution)
     plan = shard_plan(parts, args.shard_size)
     mine = [s for s in plan if s[0] % world == rank]

@@ -35,14 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pdfkernels import stock_loader
+from pdfkernels.models.families import FAMILIES, load_local
 
 log = logging.getLogger("pdf.export")
 PREFIX_FILE = "pdf_prefix.safetensors"
 VLM2VEC_PDF_FILE = "pdf.safetensors"  # integrations/vlm2vec.py's PDF_FILE (not imported: it needs no trainer)
 VERIFY_TOLERANCE = 1e-4
 # stock transformers classes the exported folder loads into (Phi-3-V exists only as remote code: refused)
-EXPORTABLE = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-              "Qwen3VLForConditionalGeneration", "LlavaNextForConditionalGeneration", "LlavaForConditionalGeneration")
+EXPORTABLE = tuple(f.stock_class for f in FAMILIES.values() if f.stock_class)
 # VLM2Vec's vendored layouts (the pre-4.52 Hugging Face names) -> the stock classes' module names, for adapter keys
 LEGACY_NAMES = ((re.compile(r"^model\.(?!language_model\.|visual\.)"), "model.language_model."),
                 (re.compile(r"^visual\."), "model.visual."),
@@ -155,7 +155,7 @@ def _trainer_checkpoint(source: Path) -> Path | None:
 
 def from_trainer(source: Path, device: torch.device):
     """(patched model, tokenizer, processor) rebuilt from our trainer's checkpoint: the architecture and tokenizer
-    as ``train.model.build`` makes them from the checkpoint's settings, then its trained weights."""
+    as ``train.model.build`` makes them from the checkpoint's config, then its trained weights."""
     from pdfkernels.train import checkpoint, synthetic
     from pdfkernels.train.model import build
 
@@ -165,15 +165,15 @@ def from_trainer(source: Path, device: torch.device):
     else:
         step_file, state = checkpoint.load_latest_intact(found, set_aside=False)
     saved = state["config"]
-    settings = SimpleNamespace(model=saved["model"], lora_r=saved["lora_r"], num_paths=saved["num_paths"],
-                               prefix_len=saved["prefix_len"], seed=saved["seed"], dtype="fp32",
-                               gradient_checkpointing=False)
-    model, tokenizer, processor = build(settings, synthetic.all_words(), device)
+    config = SimpleNamespace(model=saved["model"], lora_r=saved["lora_r"], num_paths=saved["num_paths"],
+                             prefix_len=saved["prefix_len"], seed=saved["seed"], dtype="fp32",
+                             gradient_checkpointing=False)
+    model, tokenizer, processor = build(config, synthetic.all_words(), device)
     params = dict(model.named_parameters())
     unknown = [n for n in state["model"] if n not in params]
     wrong = [n for n, v in state["model"].items() if n in params and v.shape != params[n].shape]
     if unknown or wrong:
-        raise ExportError(f"export: {step_file} does not fit the model its settings build (unknown parameters "
+        raise ExportError(f"export: {step_file} does not fit the model its config builds (unknown parameters "
                           f"{unknown[:3]}, other shapes {wrong[:3]})")
     with torch.no_grad():
         for name, value in state["model"].items():
@@ -188,14 +188,7 @@ def _is_vlm2vec(source: Path) -> bool:
 
 
 def _load_backbone(folder: Path):
-    from transformers import AutoConfig
-
-    from pdfkernels.train.model import model_class
-
-    kind = AutoConfig.from_pretrained(folder, local_files_only=True).model_type
-    cls = model_class(kind, f"model directory {folder}")
-    dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return cls.from_pretrained(folder, local_files_only=True, **{dtype_arg: torch.float32}), kind
+    return load_local(str(folder), torch.float32, f"model directory {folder}")
 
 
 def _load_adapters(model: nn.Module, folder: Path) -> nn.Module:
@@ -228,8 +221,8 @@ def _load_adapters(model: nn.Module, folder: Path) -> nn.Module:
 
 def from_vlm2vec(source: Path, base: Path | None, device: torch.device):
     """(patched model, tokenizer, processor) from a VLM2Vec checkpoint folder: the base (or full) model, its
-    adapters, then the prefix of ``pdf.safetensors`` (``integrations.vlm2vec.load_checkpoint``)."""
-    from pdfkernels.integrations.vlm2vec import load_checkpoint
+    adapters, then the prefix of ``pdf.safetensors`` (``integrations.vlm2vec.load_pdf_weights``)."""
+    from pdfkernels.integrations.vlm2vec import load_pdf_weights
     from pdfkernels.train.model import image_processor
 
     if (source / "adapter_config.json").is_file():
@@ -239,25 +232,25 @@ def from_vlm2vec(source: Path, base: Path | None, device: torch.device):
         if base is None or not base.is_dir():
             raise ExportError(f"export: argument '--base' expected the base model's local folder for the adapters "
                               f"in {source}, got {str(base) if base else 'none'} (pass --base DIR)")
-        model, kind = _load_backbone(base)
+        model, model_type = _load_backbone(base)
         model = _load_adapters(model, source)
     else:
-        model, kind = _load_backbone(source)
+        model, model_type = _load_backbone(source)
     model.to(device)
-    load_checkpoint(model, source)
+    load_pdf_weights(model, source)
     tokenizer = processor = None
     for folder in (f for f in (source, base) if f is not None):  # the checkpoint's own first, then the base's
         if tokenizer is None and (folder / "tokenizer_config.json").is_file():
             tokenizer = stock_loader.load_tokenizer(str(folder))
         if processor is None and (folder / "preprocessor_config.json").is_file():
-            processor = image_processor(source=str(folder), kind=kind)
+            processor = image_processor(source=str(folder), model_type=model_type)
     if tokenizer is None or processor is None:
         log.warning("export: no tokenizer or image processor found in %s or %s: the export has none", source, base)
     return model, tokenizer, processor, str(source)
 
 
 def read_checkpoint(source: Path, base: Path | None = None, device: torch.device | str = "cpu"):
-    """(patched model, tokenizer, processor, description) for either kind of checkpoint; refuses anything else."""
+    """(patched model, tokenizer, processor, description) for either sort of checkpoint; refuses anything else."""
     device = torch.device(device)
     if not source.exists():
         raise ExportError(f"export: CHECKPOINT {source} does not exist")

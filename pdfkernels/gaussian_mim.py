@@ -398,36 +398,36 @@ def _backward_triton(y, mu, logvar, stats: PathStats | None, others: torch.Tenso
     return tuple(grads)
 
 
-def _coefficients(kind: str, n: int, total_batch: int, d: int) -> tuple[float, float, float]:
+def _coefficients(term: str, n: int, total_batch: int, d: int) -> tuple[float, float, float]:
     """(alpha, beta, constant) so that loss = s * sum(alpha A + beta C) + constant."""
     s = 1.0 / (total_batch * n * (n - 1))
-    if kind == "mim":
+    if term == "mim":
         return -0.5 * total_batch / (total_batch - 1) * s, 0.5 / (total_batch - 1) * s, 0.0
     return 0.5 * s, 0.0, 0.5 * d * LOG_2PI
 
 
 class _GaussianPathLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, mu, logvar, kind: str, group, use_triton: bool):
+    def forward(ctx, y, mu, logvar, term: str, group, use_triton: bool):
         n, b, d = y.shape
         ctx.save_for_backward(y, mu, logvar)  # the inputs themselves: a double backward differentiates them
         y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
         stats = others = None
         others_count = 0
         total_batch = b
-        if kind == "mim":
+        if term == "mim":
             stats = (_stats_triton if use_triton else _stats_torch)(y, mu, logvar)
             if group is not None:
                 stats = _gather_stats(stats, group)
             total_batch = stats.count
             others, others_count = _others_stats(stats)
-        alpha, beta, constant = _coefficients(kind, n, total_batch, d)
+        alpha, beta, constant = _coefficients(term, n, total_batch, d)
         forward = _forward_triton if use_triton else _forward_torch
         loss = forward(y, mu, logvar, stats, alpha, beta)
         if group is not None:
             dist.all_reduce(loss, group=group)
         ctx.stats, ctx.others, ctx.others_count = stats, others, others_count
-        ctx.alpha, ctx.beta, ctx.use_triton, ctx.kind, ctx.group = alpha, beta, use_triton, kind, group
+        ctx.alpha, ctx.beta, ctx.use_triton, ctx.term, ctx.group = alpha, beta, use_triton, term, group
         return (loss + constant).to(y.dtype)
 
     @staticmethod
@@ -453,7 +453,7 @@ def _differentiable_grads(ctx, y, mu, logvar, grad_out) -> list[torch.Tensor | N
                            "without a process group")
     inputs = [t for t, need in zip((y, mu, logvar), ctx.needs_input_grad[:3]) if need]
     with torch.enable_grad():
-        stats = _stats_torch(y, mu, logvar) if ctx.kind == "mim" else None
+        stats = _stats_torch(y, mu, logvar) if ctx.term == "mim" else None
         loss = _forward_torch(y, mu, logvar, stats, ctx.alpha, ctx.beta)
         grads = iter(torch.autograd.grad(loss, inputs, grad_out.to(loss.dtype), create_graph=True))
     return [next(grads) if need else None for need in ctx.needs_input_grad[:3]]
@@ -467,26 +467,26 @@ def _differentiable_grads(ctx, y, mu, logvar, grad_out) -> list[torch.Tensor | N
 _OP_NAMES = {"mim": "mim_loss", "estimator": "estimator_nll"}
 
 
-def _local_loss(y, mu, logvar, kind: str):
+def _local_loss(y, mu, logvar, term: str):
     """(loss in y's dtype, stats [6, N, d] or None, others [2, N, d] or None) on this process's samples."""
     n, b, d = y.shape
-    use_triton = backend.use_triton_for(_OP_NAMES[kind], y)
+    use_triton = backend.use_triton_for(_OP_NAMES[term], y)
     y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
     stats = others = None
-    if kind == "mim":
+    if term == "mim":
         stats = (_stats_triton if use_triton else _stats_torch)(y, mu, logvar)
         others, _ = _others_stats(stats)
-    alpha, beta, constant = _coefficients(kind, n, b, d)
+    alpha, beta, constant = _coefficients(term, n, b, d)
     loss = (_forward_triton if use_triton else _forward_torch)(y, mu, logvar, stats, alpha, beta)
     return (loss + constant).to(y.dtype), stats, others
 
 
-def _local_grads(grad_out, y, mu, logvar, stats, others, kind: str):
+def _local_grads(grad_out, y, mu, logvar, stats, others, term: str):
     n, b, d = y.shape
-    use_triton = backend.use_triton_for(_OP_NAMES[kind], y)
+    use_triton = backend.use_triton_for(_OP_NAMES[term], y)
     y, mu, logvar = y.contiguous(), mu.contiguous(), logvar.contiguous()
     path_stats = PathStats(*stats.unbind(0), count=b) if stats is not None else None
-    alpha, beta, _ = _coefficients(kind, n, b, d)
+    alpha, beta, _ = _coefficients(term, n, b, d)
     backward = _backward_triton if use_triton else _backward_torch
     return tuple(backward(y, mu, logvar, path_stats, others, (n - 1) * b, alpha, beta, grad_out.reshape(1)))
 
@@ -538,14 +538,14 @@ def _(grad_out, y, mu, logvar):
     return y.new_empty(y.shape), mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
 
 
-def _setup(kind: str):
+def _setup(term: str):
     def setup_context(ctx, inputs, output):
         y, mu, logvar = inputs
         n, b, d = y.shape
-        saved = (y, mu, logvar, *output[1:]) if kind == "mim" else (y, mu, logvar)
+        saved = (y, mu, logvar, *output[1:]) if term == "mim" else (y, mu, logvar)
         ctx.save_for_backward(*saved)
-        ctx.kind, ctx.group = kind, None
-        ctx.alpha, ctx.beta, _ = _coefficients(kind, n, b, d)
+        ctx.term, ctx.group = term, None
+        ctx.alpha, ctx.beta, _ = _coefficients(term, n, b, d)
     return setup_context
 
 

@@ -1,4 +1,5 @@
-"""Check the patch against VLM2Vec's real code: ``python scripts/check_vlm2vec_real.py /path/to/VLM2Vec [kind ...]``.
+"""Check the patch against VLM2Vec's real code: ``python scripts/check_vlm2vec_real.py /path/to/VLM2Vec [type ...]``
+(model types).
 
 Run it in an environment with VLM2Vec's transformers (4.52.3), e.g. ``.venv-tf452/bin/python``. It loads
 VLM2Vec's vendored Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT and Phi-3-V modeling files and the ``MMEBModel`` class of
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from pdfkernels import models  # noqa: E402
 from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model  # noqa: E402
-from pdfkernels.models.presets import IMAGE_TOKEN_ID, tiny_llava_next, tiny_qwen2_5vl, tiny_qwen2vl  # noqa: E402
+from pdfkernels.models.architectures import IMAGE_TOKEN_ID, tiny_llava_next, tiny_qwen2_5vl, tiny_qwen2vl  # noqa: E402
 from tests.models.builders import build_inputs  # noqa: E402
 from tests.models.float64_oracle import float64_oracle  # noqa: E402
 
@@ -47,7 +48,7 @@ FILES = {"qwen2_vl_config": "src/model/vlm_backbone/qwen2_vl/configuration_qwen2
          "phi3_v_config": "src/model/baseline_backbone/phi3_v/configuration_phi3_v.py",
          "phi3_v_image": "src/model/baseline_backbone/phi3_v/image_embedding_phi3_v.py",
          "phi3_v": "src/model/baseline_backbone/phi3_v/modeling_phi3_v.py"}
-KINDS = ("qwen2_vl", "qwen2_5_vl", "llava_next", "phi3_v")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_next", "phi3_v")
 # the text attention's eager class (unpatched comparison) and the vision tower's SDPA class, per vendored module
 EAGER = {"qwen2_vl": ("Qwen2VLAttention", "VisionSdpaAttention"),
          "qwen2_5_vl": ("Qwen2_5_VLAttention", "Qwen2_5_VLVisionSdpaAttention")}
@@ -95,24 +96,24 @@ def _load_vlm2vec(checkout: Path) -> dict:
     names.update(re.findall(r"^(\w+) = '(\w+)'", processor, flags=re.M))
     names.setdefault("E5_V", "e5_v")
     exec(compile(source[source.index("class MMEBModel"):], str(checkout / "src/model/model.py"), "exec"), names)
-    return {"MMEBModel": names["MMEBModel"], **{kind: loaded[kind] for kind in KINDS}}
+    return {"MMEBModel": names["MMEBModel"], **{model_type: loaded[model_type] for model_type in MODEL_TYPES}}
 
 
-def _save_tiny(kind: str, vlm2vec: dict) -> str:
+def _save_tiny(model_type: str, vlm2vec: dict) -> str:
     folder = tempfile.mkdtemp()
     torch.manual_seed(0)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):  # flat, as a real checkpoint's config.json
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):  # flat, as a real checkpoint's config.json
         tiny, hf_config, cls = {"qwen2_vl": (tiny_qwen2vl(), transformers.Qwen2VLConfig,
                                              vlm2vec["qwen2_vl"].Qwen2VLForConditionalGeneration),
                                 "qwen2_5_vl": (tiny_qwen2_5vl(), transformers.Qwen2_5_VLConfig,
-                                               vlm2vec["qwen2_5_vl"].Qwen2_5_VLForConditionalGeneration)}[kind]
+                                               vlm2vec["qwen2_5_vl"].Qwen2_5_VLForConditionalGeneration)}[model_type]
         special = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         text = {k: v for k, v in tiny.text_config.to_dict().items() if k not in ("model_type", "architectures",
                                                                                    *special)}
         config = hf_config(**text, vision_config=tiny.vision_config.to_dict(), **{k: getattr(tiny, k) for k in special})
         config._attn_implementation = "eager"
         cls(config).save_pretrained(folder)
-    elif kind == "phi3_v":  # a tiny text model with Phi-3-vision-128k's "su" rotary scaling (factors per frequency)
+    elif model_type == "phi3_v":  # a tiny text model, Phi-3-vision-128k's "su" rotary scaling (factors per frequency)
         head_dim = 16
         config = vlm2vec["phi3_v"].Phi3VConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -134,8 +135,8 @@ def _save_tiny(kind: str, vlm2vec: dict) -> str:
     return folder
 
 
-def _inputs(kind: str, model) -> dict:
-    if kind == "phi3_v":  # VLM2Vec's Phi3V_process_fn: per-row lists, None for text-only rows; right padding
+def _inputs(model_type: str, model) -> dict:
+    if model_type == "phi3_v":  # VLM2Vec's Phi3V_process_fn: per-row lists, None for text-only rows; right padding
         rows = [[1, 11, 12] + [-1] * PHI3V_IMAGE_TOKENS + [13, 14], [1, 21, 22, 23], [1, 31, 32, 33, 34, 35]]
         length = max(map(len, rows))
         ids, mask = torch.zeros(3, length, dtype=torch.long), torch.zeros(3, length, dtype=torch.long)
@@ -143,7 +144,7 @@ def _inputs(kind: str, model) -> dict:
             ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
         return dict(input_ids=ids, attention_mask=mask, pixel_values=[torch.randn(1, 2, 3, 336, 336), None, None],
                     image_sizes=[torch.tensor([[336, 336]]), None, None])
-    if kind == "llava_next":  # VLM2Vec's collator gives [B, 1, ...]; encode_input squeezes dim 1
+    if model_type == "llava_next":  # VLM2Vec's collator gives [B, 1, ...]; encode_input squeezes dim 1
         inputs = build_inputs("llava-next-mistral", model, "left")
         pixels = inputs["pixel_values"]
         inputs["pixel_values"] = torch.stack([pixels[0], torch.zeros_like(pixels[0]), pixels[1]]).unsqueeze(1)
@@ -185,27 +186,28 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | str, bool | None]]:
-    args = SimpleNamespace(model_name=_save_tiny(kind, vlm2vec), lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                           lora_target_modules=TARGETS.get(kind, "q_proj,k_proj,v_proj,o_proj,down_proj"),
-                           pooling="last", normalize=False, temperature=0.02, model_backbone=kind)
+def check(model_type: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | str, bool | None]]:
+    args = SimpleNamespace(model_name=_save_tiny(model_type, vlm2vec), lora=True, lora_r=4, lora_alpha=8,
+                           lora_dropout=0.0,
+                           lora_target_modules=TARGETS.get(model_type, "q_proj,k_proj,v_proj,o_proj,down_proj"),
+                           pooling="last", normalize=False, temperature=0.02, model_backbone=model_type)
     model = vlm2vec["MMEBModel"].build(args).float()  # VLM2Vec loads bf16; fp32 for tight comparisons
     with torch.no_grad():  # DoRA starts as the identity: perturb the adapters so they matter
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     hf = hf_model(model)
-    if kind in EAGER:
-        text_eager, vision_sdpa = (getattr(vlm2vec[kind], name) for name in EAGER[kind])
+    if model_type in EAGER:
+        text_eager, vision_sdpa = (getattr(vlm2vec[model_type], name) for name in EAGER[model_type])
         for block in hf.visual.blocks:
             block.attn.__class__ = vision_sdpa
     unpatched = copy.deepcopy(model)
-    if kind in EAGER:
+    if model_type in EAGER:
         for attn in attention_modules(decoder_stack(hf_model(unpatched))):
             attn.__class__ = text_eager
         hf_model(unpatched).config._attn_implementation = "eager"
-    model.model_backbone = unpatched.model_backbone = kind
-    inputs = _inputs(kind, hf_model(unpatched))
+    model.model_backbone = unpatched.model_backbone = model_type
+    inputs = _inputs(model_type, hf_model(unpatched))
     rows = [("attention class (information)", type(decoder_stack(hf).layers[0].self_attn).__name__, None),
             ("config._attn_implementation (information)", hf.config._attn_implementation, None)]
 
@@ -223,7 +225,7 @@ def check(kind: str, reentrant: bool, vlm2vec: dict) -> list[tuple[str, float | 
         reference = copy.deepcopy(unpatched)
         reference.encoder = float64_oracle(unpatched.encoder, prefix, path, lambda: inputs["attention_mask"],
                                               attention_modules(decoder_stack(hf))[0]._pdf.outputs)
-        with torch.no_grad(), _default_dtype(torch.float64 if kind == "phi3_v" else torch.get_default_dtype()):
+        with torch.no_grad(), _default_dtype(torch.float64 if model_type == "phi3_v" else torch.get_default_dtype()):
             double = _as_double(inputs)  # (Phi-3-V's 4-D mask is filled with finfo(float64).min in the default dtype)
             expected = reference.encode_input(double)
             with models.use_paths(model, path):
@@ -307,7 +309,8 @@ def check_video(vlm2vec: dict) -> list[tuple[str, float | str, bool | None]]:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or not (Path(sys.argv[1]) / "src/model/model.py").is_file() or set(sys.argv[2:]) - set(KINDS):
+    wrong_types = set(sys.argv[2:]) - set(MODEL_TYPES)
+    if len(sys.argv) < 2 or not (Path(sys.argv[1]) / "src/model/model.py").is_file() or wrong_types:
         print(__doc__.splitlines()[0], file=sys.stderr)
         return 2
     vlm2vec = _load_vlm2vec(Path(sys.argv[1]))
@@ -316,14 +319,15 @@ def main() -> int:
     PreTrainedModel._check_and_enable_flash_attn_2 = classmethod(lambda cls, config, *args, **kwargs: config)
     print(f"transformers {transformers.__version__}\n")
     print("| model | checkpointing | check | value | ok |\n|---|---|---|---|---|")
-    for kind in sys.argv[2:] or KINDS:
+    for model_type in sys.argv[2:] or MODEL_TYPES:
         for reentrant in (True, False):
-            for name, value, ok in check(kind, reentrant, vlm2vec):
+            for name, value, ok in check(model_type, reentrant, vlm2vec):
                 value = f"{value:.2e}" if isinstance(value, float) else value
                 status = "–" if ok is None else "ok" if ok else "FAIL"
-                print(f"| {kind} | {'reentrant' if reentrant else 'non-reentrant'} | {name} | {value} | {status} |")
+                mode = "reentrant" if reentrant else "non-reentrant"
+                print(f"| {model_type} | {mode} | {name} | {value} | {status} |")
                 failed += ok is False
-    if "qwen2_vl" in (sys.argv[2:] or KINDS):
+    if "qwen2_vl" in (sys.argv[2:] or MODEL_TYPES):
         for name, value, ok in check_video(vlm2vec):
             value = f"{value:.2e}" if isinstance(value, float) else value
             status = "–" if ok is None else "ok" if ok else "FAIL"

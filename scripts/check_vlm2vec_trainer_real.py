@@ -179,30 +179,30 @@ def main() -> int:
     rows, failed = [], 0
     q, t = _batch(4, 1), _batch(4, 2)
 
-    def make(kind):
+    def make(setup):
         model, margs = _model(loaded, folder)
-        if kind == "unpatched":  # flash-attn cannot run on a CPU: VLM2Vec's SDPA class on the same weights
+        if setup == "unpatched":  # flash-attn cannot run on a CPU: VLM2Vec's SDPA class on the same weights
             from pdfkernels.models.anatomy import attention_modules, decoder_stack
 
             for attn in attention_modules(decoder_stack(hf_model(model))):
                 attn.__class__ = loaded["qwen2_vl"].Qwen2VLSdpaAttention
             hf_model(model).config._attn_implementation = "sdpa"
             decoder_stack(hf_model(model)).config._attn_implementation = "sdpa"
-        if kind == "drop-in":
+        if setup == "drop-in":
             models.apply_pdf(model, num_paths=2, prefix_len=20)
-        cls = pdf.pdf_trainer(base, num_paths=2, prefix_len=20) if kind == "pdf" else base
+        cls = pdf.pdf_trainer(base, num_paths=2, prefix_len=20) if setup == "pdf" else base
         trainer = cls(model=model, args=targs, model_args=margs, max_length=512)
         trainer.create_optimizer()
         return trainer
 
-    trainers = {kind: make(kind) for kind in ("unpatched", "drop-in", "pdf")}
+    trainers = {setup: make(setup) for setup in ("unpatched", "drop-in", "pdf")}
 
-    def step(kind):
-        trainer = trainers[kind]
+    def step(setup):
+        trainer = trainers[setup]
         trainer.model.train()
-        if kind == "pdf":
+        if setup == "pdf":
             trainer.training_step(trainer.model, (q, t))
-        elif kind == "drop-in":
+        elif setup == "drop-in":
             with models.use_paths(trainer.model, 0):
                 trainer.gc({"qry": q}, {"tgt": t}, no_sync_except_last=False)
         else:
@@ -241,14 +241,14 @@ def main() -> int:
     rows += _check_hard_negatives(loaded, folder, base, targs)
 
     # step times, interleaved
-    times = {kind: [] for kind in trainers}
-    for kind in trainers:
-        step(kind)  # warm-up
+    times = {setup: [] for setup in trainers}
+    for setup in trainers:
+        step(setup)  # warm-up
     for _ in range(5):
-        for kind in trainers:
+        for setup in trainers:
             begin = time.perf_counter()
-            step(kind)
-            times[kind].append(time.perf_counter() - begin)
+            step(setup)
+            times[setup].append(time.perf_counter() - begin)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}\n")
     print("| check | value | ok |\n|---|---|---|")
     for name, value, ok in rows:
@@ -257,8 +257,8 @@ def main() -> int:
     print("\n| step (batch 4 + 4, GradCache chunks 2, tiny bf16 Qwen2-VL, K=20) | median ms | min ms |\n|---|---|---|")
     labels = {"unpatched": "VLM2Vec's GradCache step, unpatched", "drop-in": "the same, drop-in path 0",
               "pdf": "full PDF training_step (N=2)"}
-    for kind, values in times.items():
-        print(f"| {labels[kind]} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} |")
+    for setup, values in times.items():
+        print(f"| {labels[setup]} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} |")
     return 1 if failed else 0
 
 

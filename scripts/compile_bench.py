@@ -17,7 +17,7 @@ from transformers import LlavaNextForConditionalGeneration, Qwen2VLForConditiona
 
 import pdfkernels
 from pdfkernels import models
-from pdfkernels.models.presets import tiny_llava_next, tiny_qwen2vl
+from pdfkernels.models.architectures import tiny_llava_next, tiny_qwen2vl
 
 
 def text_inputs(model, batch: int, length: int) -> dict:
@@ -28,9 +28,9 @@ def text_inputs(model, batch: int, length: int) -> dict:
     return inputs
 
 
-def build(kind: str) -> torch.nn.Module:
+def build(backbone: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    if kind == "qwen2vl":
+    if backbone == "qwen2vl":
         model = Qwen2VLForConditionalGeneration(tiny_qwen2vl())
     else:
         model = LlavaNextForConditionalGeneration(tiny_llava_next("mistral"))
@@ -70,12 +70,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name, fn in op_cases().items():
         print(f"{name:28s} {breaks(fn)}")
-    for kind in ("qwen2vl", "llava-next"):
-        model = build(kind)
+    for backbone in ("qwen2vl", "llava-next"):
+        model = build(backbone)
         inputs = text_inputs(model, 2, 12)
         for paths in ([0, 1], 0, None):
             found = breaks(lambda m=model, x=inputs, p=paths: models.encode(m, x, p))
-            print(f"encode {kind:10s} paths={paths!s:6s} {found}")
+            print(f"encode {backbone:10s} paths={paths!s:6s} {found}")
     if args.skip_timing:
         return
     model = build("qwen2vl")

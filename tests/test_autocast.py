@@ -49,11 +49,11 @@ def test_float64_is_not_cast_by_autocast():
         pdfkernels.prefix_attention(q, k, v, pk, pv, ids)
 
 
-@pytest.mark.parametrize("kind", ["qwen2vl", "llava-next-mistral"])
-def test_patched_model_under_bf16_autocast_matches_fp32(kind):
+@pytest.mark.parametrize("backbone", ["qwen2vl", "llava-next-mistral"])
+def test_patched_model_under_bf16_autocast_matches_fp32(backbone):
     torch.manual_seed(0)
-    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=3, seed=0)
-    inputs = build_inputs(kind, model)
+    model = models.apply_pdf(build_model(backbone), num_paths=2, prefix_len=3, seed=0)
+    inputs = build_inputs(backbone, model)
     results = {}
     for precision in ("fp32", "bf16"):
         model.zero_grad(set_to_none=True)

@@ -14,18 +14,18 @@ import torch
 
 from pdfkernels import models, stock_loader
 from pdfkernels.export import PREFIX_FILE, ExportError, export, main
-from tests.models.builders import KINDS, build_inputs, build_model
+from tests.models.builders import BACKBONES, build_inputs, build_model
 from tests.models.phi3v_double import build_phi3v
 
 TOLERANCE = 1e-5
 DORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 
 
-def trained_like(kind: str, seed: int = 0) -> torch.nn.Module:
+def trained_like(backbone: str, seed: int = 0) -> torch.nn.Module:
     """A patched tiny model inside DoRA whose prefix and adapters are far from their initial values, so that a
     prefix lost or shifted, or adapters not merged, change the embedding."""
     torch.manual_seed(seed)
-    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=3, seed=seed)
+    model = models.apply_pdf(build_model(backbone), num_paths=2, prefix_len=3, seed=seed)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
                                                        init_lora_weights="gaussian", target_modules=DORA_TARGETS))
     with torch.no_grad():
@@ -36,10 +36,10 @@ def trained_like(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_stock_loader_equals_models_encode(kind, tmp_path):
-    model = trained_like(kind)
-    batches = {padding: build_inputs(kind, model, padding) for padding in ("left", "right")}
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_stock_loader_equals_models_encode(backbone, tmp_path):
+    model = trained_like(backbone)
+    batches = {padding: build_inputs(backbone, model, padding) for padding in ("left", "right")}
     with torch.no_grad():
         expected = {p: models.encode(model, b, paths=1)[0] for p, b in batches.items()}
         unprefixed = {p: models.encode(model, b, paths=None)[0] for p, b in batches.items()}
@@ -136,11 +136,11 @@ LEGACY = {"qwen2vl": ("base_model.model.model.language_model.", "base_model.mode
           "llava-next-mistral": ("base_model.model.model.language_model.", "base_model.model.language_model.model.")}
 
 
-@pytest.mark.parametrize("kind", list(LEGACY))
-def test_vlm2vec_adapter_checkpoint_exports_to_the_same_embeddings(kind, tmp_path):
+@pytest.mark.parametrize("backbone", list(LEGACY))
+def test_vlm2vec_adapter_checkpoint_exports_to_the_same_embeddings(backbone, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    base = build_model(kind)
+    base = build_model(backbone)
     base.save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights="gaussian",
@@ -153,13 +153,13 @@ def test_vlm2vec_adapter_checkpoint_exports_to_the_same_embeddings(kind, tmp_pat
     checkpoint = tmp_path / "checkpoint-10"
     model.save_pretrained(checkpoint)  # what VLM2Vec's MMEBModel.save writes for LoRA: the adapters only
     weights = checkpoint / "adapter_model.safetensors"
-    new, old = LEGACY[kind]
+    new, old = LEGACY[backbone]
     save_file({k.replace(new, old): v for k, v in load_file(str(weights)).items()}, str(weights))
     models.apply_pdf(model, num_paths=2, prefix_len=3, seed=2)
     with torch.no_grad():
         models.pdf_parameters(model)[0].mul_(10)
     models.save_pdf(checkpoint / "pdf.safetensors", model)  # what pdf_trainer's _save adds
-    batch = build_inputs(kind, model.eval(), "left")
+    batch = build_inputs(backbone, model.eval(), "left")
     with torch.no_grad():
         expected = models.encode(model, batch, paths=1)[0]
 

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     """A setting that cannot work, refused before anything is read or written."""
 
 
-# TrainConfig's fields that are the objective's settings (models/objective.py checks them; one set for both
+# TrainConfig's fields that are the objective's (models/objective.py checks them; one set for both
 # trainers)
 OBJECTIVE_FIELDS = tuple(f.name for f in dataclasses.fields(Objective))
 
@@ -123,7 +123,7 @@ class TrainConfig:
 
     @property
     def objective(self) -> Objective:
-        """The objective's settings (the same dataclass as the VLM2Vec integration's)."""
+        """The objective (the same dataclass as the VLM2Vec integration's)."""
         return Objective(**{name: getattr(self, name) for name in OBJECTIVE_FIELDS})
 
     @property
@@ -135,7 +135,7 @@ class TrainConfig:
         return self.objective.trains_estimator
 
 
-SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml, the paper's settings per backbone, Table 3
+SHIPPED = Path(__file__).resolve().parent / "configs"  # demo.yaml, the paper's configs per backbone, Table 3
 # the Table 3 switches and the controlled baseline: --NAME applies configs/table3-NAME.yaml last (over the
 # config file and every flag), in this order
 TABLE3 = ("baseline", "prefix_only", "no_mim", "no_path_loss")

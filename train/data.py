@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from pdfkernels.models.families import FAMILIES
+
 from . import images, video
 from .images import BadImage
 from .rows import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
@@ -205,9 +207,6 @@ class Collator:
         return self.assemble(self.prepare(examples))
 
 
-_QWEN_MODELS = {"qwen2_vl": "Qwen2VLModel", "qwen2_5_vl": "Qwen2_5_VLModel", "qwen3_vl": "Qwen3VLModel"}
-
-
 def takes_token_types(forward) -> bool:
     """Whether a model's ``forward`` takes ``mm_token_type_ids`` (Qwen-VL on transformers 5.x; 4.52 has none)."""
     import inspect
@@ -215,26 +214,28 @@ def takes_token_types(forward) -> bool:
     return "mm_token_type_ids" in inspect.signature(forward).parameters
 
 
-def _installed_takes_token_types(config) -> bool:
+def _installed_takes_token_types(model_config) -> bool:
     import transformers
 
-    cls = getattr(transformers, _QWEN_MODELS.get(getattr(config, "model_type", ""), ""), None)
+    entry = FAMILIES.get(getattr(model_config, "model_type", ""))
+    cls = getattr(transformers, entry.inner_class, None) if entry is not None and entry.inner_class else None
     return cls is not None and takes_token_types(cls.forward)
 
 
 class Qwen2VLCollator(Collator):
     """Qwen2-VL, Qwen2.5-VL and Qwen3-VL: ``<|vision_start|>`` + grid/merge² image tokens + ``<|vision_end|>``,
     and ``mm_token_type_ids`` where the model takes them (``token_types``; by default: where the installed
-    transformers' class of ``config.model_type`` does, i.e. on 5.x)."""
+    transformers' class of ``model_config.model_type`` does, i.e. on 5.x)."""
 
-    def __init__(self, tokenizer, image_processor, config, max_length: int = 512, token_types: bool | None = None):
-        super().__init__(tokenizer, image_processor, config.image_token_id, max_length)
-        self.start_id, self.end_id = config.vision_start_token_id, config.vision_end_token_id
-        self.merge = config.vision_config.spatial_merge_size
-        self.video_id = getattr(config, "video_token_id", None)
-        self.model_type = getattr(config, "model_type", "")
-        self.temporal_patch = getattr(config.vision_config, "temporal_patch_size", 2)
-        self.token_types = _installed_takes_token_types(config) if token_types is None else token_types
+    def __init__(self, tokenizer, image_processor, model_config, max_length: int = 512,
+                 token_types: bool | None = None):
+        super().__init__(tokenizer, image_processor, model_config.image_token_id, max_length)
+        self.start_id, self.end_id = model_config.vision_start_token_id, model_config.vision_end_token_id
+        self.merge = model_config.vision_config.spatial_merge_size
+        self.video_id = getattr(model_config, "video_token_id", None)
+        self.model_type = getattr(model_config, "model_type", "")
+        self.temporal_patch = getattr(model_config.vision_config, "temporal_patch_size", 2)
+        self.token_types = _installed_takes_token_types(model_config) if token_types is None else token_types
 
     def images(self, images):
         processed = self.image_processor(images=images, return_tensors="pt")
@@ -245,8 +246,10 @@ class Qwen2VLCollator(Collator):
         return [self.start_id] + [self.image_id] * count + [self.end_id]
 
     def videos(self, videos):
-        if self.model_type != "qwen2_vl":  # Qwen2.5-VL needs second_per_grid_ts, Qwen3-VL timestamps: not built
-            raise ValueError(f"video rows are supported for Qwen2-VL only, not {self.model_type!r}")
+        entry = FAMILIES.get(self.model_type)
+        if entry is None or not entry.video:  # models/families.py says which families read video rows
+            supported = [f.title for f in FAMILIES.values() if f.video]
+            raise ValueError(f"video rows are supported for {', '.join(supported)} only, not {self.model_type!r}")
         processed = [qwen_video_patches(self.image_processor, v.frames, self.temporal_patch) for v in videos]
         grids = torch.stack([grid for _, grid in processed])
         counts = [int(g.prod()) // self.merge ** 2 for g in grids]

@@ -1,4 +1,4 @@
-"""``--resume``: continue from the newest intact checkpoint, with the new run's settings compared against the
+"""``--resume``: continue from the newest intact checkpoint, with the new run's config compared against the
 checkpoint's.
 
 - Settings that change what is trained (model, shapes, paths, the data, the batch, the seed) must be equal:
@@ -30,7 +30,7 @@ TRANSIENT = ("resume", "overwrite", "stop_after")
 
 
 class ResumeError(ValueError):
-    """The checkpoint cannot continue under the given settings; the message names the fields."""
+    """The checkpoint cannot continue under the given config; the message names the fields."""
 
 
 def _uses_mim(values: dict) -> bool:
@@ -46,13 +46,13 @@ def compare(saved: dict, config, path: Path) -> list[str]:
         fixed.append(f"MIM (num_paths > 1 and lambda_mim > 0): checkpoint {_uses_mim(saved)}, now "
                      f"{_uses_mim(current)}")
     if fixed:
-        raise ResumeError(f"--resume: {path} was trained with other settings that cannot change mid-run ("
+        raise ResumeError(f"--resume: {path} was trained with another config whose fields cannot change mid-run ("
                           f"{'; '.join(fixed)}); use the checkpoint's values or another --out-dir")
     return [f"{k} {saved[k]!r} -> {current[k]!r}" for k in current
             if k in saved and k not in FIXED + TRANSIENT and saved[k] != current[k]]
 
 
-def apply_optimisation_settings(parts, config) -> None:
+def apply_optimisation_fields(parts, config) -> None:
     """Put lr, estimator_lr and weight_decay of ``config`` into the restored optimizers, at the schedule's step."""
     scheduler = parts.scheduler
     for i, group in enumerate(parts.optimizer.param_groups):
@@ -76,7 +76,7 @@ def resume(folder: str | Path, parts, config, rank: int = 0) -> int:
         raise ResumeError(f"--resume: --steps {config.steps} is below the step of {path} ({state['step']}); a run "
                           f"never goes back over a later checkpoint: pass --steps >= {state['step']}")
     step = checkpoint.restore(path, parts, state)
-    apply_optimisation_settings(parts, config)
+    apply_optimisation_fields(parts, config)
     for change in changes:
         log.warning("--resume: %s (applied from step %d)", change, step + 1)
     log.info("resumed from %s at step %d", path, step)

@@ -6,7 +6,7 @@
 
 With no arguments at all it runs the built-in demo (train/configs/demo.yaml into ./runs/demo, replaced each
 time; what scripts/run.sh runs) and says so first. With no --train-data it trains on a generated MMEB-format
-shapes set (train/synthetic.py). The paper's settings per backbone: train/configs/paper-*.yaml, for real data. Writes
+shapes set (train/synthetic.py). The paper's configs per backbone: train/configs/paper-*.yaml, for real data. Writes
 ``out_dir/metrics.jsonl`` (every loss term, the MI estimate, the cosine similarity between paths, lr,
 samples/s per step), checkpoints ``out_dir/checkpoints/step_*.pt`` (atomic, verified, last k kept; ``--resume``
 continues exactly), the PDF weights ``out_dir/pdf.safetensors`` and Precision@1 in ``out_dir/eval.{json,md}``.
@@ -101,7 +101,7 @@ def demo_arguments() -> list[str]:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"train/run.py without arguments: running the built-in demo ({demo}: PDF on a generated shapes set "
               f"with the tiny random Qwen2-VL, 400 steps of 64, about 2 minutes on 2 CPU cores; output in "
-              f"{Path('runs/demo').resolve()}, replaced on each bare run). The paper's settings for real data: "
+              f"{Path('runs/demo').resolve()}, replaced on each bare run). The paper's configs for real data: "
               f"--config {SHIPPED}/paper-qwen2vl-2b.yaml --model DIR --train-data ... (docs/training.md).",
               flush=True)
     return ["--config", str(demo), "--overwrite"]

@@ -7,7 +7,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from pdfkernels import models
 from pdfkernels.bench.flops import count_flops
-from pdfkernels.models.presets import small_qwen2vl
+from pdfkernels.models.architectures import small_qwen2vl
 
 # small_qwen2vl: text width 256, 4 layers, 4 heads x 64 (2 KV heads), MLP 768; vision embed 64, 2 blocks,
 # mlp_ratio 2, patch 14 (Conv3d 3 -> 64 over 2 x 14 x 14), merger 4·64 -> 256 -> 256. A 224x224 image:
@@ -80,15 +80,15 @@ def test_backward_counts_when_a_backward_passes_through(case):
     assert count.linear == 3 * 2 * TOKENS * TEXT_WEIGHTS + VISION_LINEAR
 
 
-@pytest.mark.parametrize("kind", ["llava-next-mistral", "qwen2.5vl"])
-def test_padded_batches_count_real_tokens_and_each_vision_block(kind):
+@pytest.mark.parametrize("backbone", ["llava-next-mistral", "qwen2.5vl"])
+def test_padded_batches_count_real_tokens_and_each_vision_block(backbone):
     """A padded batch of image and text-only rows (tests/models/builders.py): text attention over each row's real
     tokens only; vision attention per block the tower actually attends within (CLIP tiles of 4 x 4 patches and a
     class token; Qwen2.5-VL's windows and full-attention blocks from its cu_seqlens)."""
     from tests.models.builders import build_inputs, build_model
 
-    model = build_model(kind)
-    inputs = build_inputs(kind, model)
+    model = build_model(backbone)
+    inputs = build_inputs(backbone, model)
     models.apply_pdf(model, num_paths=2, prefix_len=3)
     text = models.text_config(model)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -97,7 +97,7 @@ def test_padded_batches_count_real_tokens_and_each_vision_block(kind):
         3 * n + n * (n + 1) // 2 for n in lengths)
     seen = []
     inner = models.patch.inner_model(model)
-    if kind == "qwen2.5vl":  # two blocks (one windowed, one full), width 32
+    if backbone == "qwen2.5vl":  # two blocks (one windowed, one full), width 32
         def block(module, args, kwargs):
             sizes = (kwargs["cu_seqlens"][1:] - kwargs["cu_seqlens"][:-1]).tolist()
             seen.append(32 * sum(n * n for n in sizes))

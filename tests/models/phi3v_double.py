@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pdfkernels.models.presets import IMAGE_TOKEN_ID
+from pdfkernels.models.architectures import IMAGE_TOKEN_ID
 
 PATCH_DIM = 12  # pixel features per visual token
 IMAGE_TOKENS = 4  # visual tokens per image

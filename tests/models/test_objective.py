@@ -1,5 +1,5 @@
-"""The objective's one settings dataclass (``models/objective.py``): the same checks and derived flags for
-both trainers (``TrainConfig.objective``, ``pdf_trainer``'s ``PDFSettings``)."""
+"""The objective's one objective dataclass (``models/objective.py``): the same checks and derived flags for
+both trainers (``TrainConfig.objective``, ``pdf_trainer``'s ``PDFObjective``)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_the_trainers_share_the_dataclass_and_its_flags():
     config = TrainConfig(lambda_mim=0.0, track_mi=True, hard_negatives=2)
     assert type(config.objective) is Objective and config.objective.hard_negatives == 2
     assert (config.uses_mim, config.trains_estimator) == (False, True)
-    settings = vlm2vec.settings_of(num_paths=2, prefix_len=3, lambda_mim=0.0)
-    assert isinstance(settings, Objective) and settings.temperature is None and not settings.trains_estimator
+    objective = vlm2vec.objective_of(num_paths=2, prefix_len=3, lambda_mim=0.0)
+    assert isinstance(objective, Objective) and objective.temperature is None and not objective.trains_estimator
     assert Objective(prefix_len=0, num_paths=1, lambda_mim=0.0).paths is None
     assert Objective(num_paths=3).paths == [0, 1, 2]

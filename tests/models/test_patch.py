@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from pdfkernels import models, settings
 from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model, vision_tower
 from pdfkernels.models.patch import last_token
-from tests.models.builders import KINDS, build_inputs, build_model, mm_token_types
+from tests.models.builders import BACKBONES, build_inputs, build_model, mm_token_types
 from tests.models.float64_oracle import float64_oracle
 
 
@@ -28,15 +28,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.fixture(params=KINDS)
-def kind(request):
+@pytest.fixture(params=BACKBONES)
+def backbone(request):
     return request.param
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_no_prefix_equals_unpatched(kind, padding):
-    model = build_model(kind)
-    inputs = build_inputs(kind, model, padding)
+def test_no_prefix_equals_unpatched(backbone, padding):
+    model = build_model(backbone)
+    inputs = build_inputs(backbone, model, padding)
     expected = _pooled_unpatched(model, inputs)
     models.apply_pdf(model, num_paths=2, prefix_len=4)
     with torch.no_grad():
@@ -46,9 +46,9 @@ def test_no_prefix_equals_unpatched(kind, padding):
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_single_path_equals_float64_concatenated_prefix_reference(kind, padding):
-    model = build_model(kind)
-    inputs = build_inputs(kind, model, padding)
+def test_single_path_equals_float64_concatenated_prefix_reference(backbone, padding):
+    model = build_model(backbone)
+    inputs = build_inputs(backbone, model, padding)
     unpatched = copy.deepcopy(model)
     models.apply_pdf(model, num_paths=3, prefix_len=5)
     double = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
@@ -61,9 +61,9 @@ def test_single_path_equals_float64_concatenated_prefix_reference(kind, padding)
         assert _rel(got.double(), expected) <= 1e-5, f"path {path}"
 
 
-def test_k_paths_in_one_call_equal_single_calls_and_run_vision_once(kind):
-    model = models.apply_pdf(build_model(kind), num_paths=3, prefix_len=4)
-    inputs = build_inputs(kind, model, "left")
+def test_k_paths_in_one_call_equal_single_calls_and_run_vision_once(backbone):
+    model = models.apply_pdf(build_model(backbone), num_paths=3, prefix_len=4)
+    inputs = build_inputs(backbone, model, "left")
     calls = []
     vision_tower(model).register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
@@ -76,10 +76,10 @@ def test_k_paths_in_one_call_equal_single_calls_and_run_vision_once(kind):
     assert _rel(together[0], together[1]) > 1e-3, "different prefixes must give different embeddings"
 
 
-def test_vlm2vec_calling_pattern_gives_single_prefix_embedding(kind):
+def test_vlm2vec_calling_pattern_gives_single_prefix_embedding(backbone):
     """VLM2Vec calls the full model with output_hidden_states=True and pools the last token (left padding)."""
-    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
-    inputs = build_inputs(kind, model, "left")
+    model = models.apply_pdf(build_model(backbone), num_paths=2, prefix_len=4)
+    inputs = build_inputs(backbone, model, "left")
     with models.use_paths(model, 0), torch.no_grad():
         out = model(**inputs, output_hidden_states=True)  # unchanged VLM2Vec code
         reps = out.hidden_states[-1][:, -1, :]
@@ -88,15 +88,15 @@ def test_vlm2vec_calling_pattern_gives_single_prefix_embedding(kind):
     assert _rel(reps, expected) <= 1e-6
 
 
-def test_gradients_reach_prefix_lora_and_aggregator(kind):
+def test_gradients_reach_prefix_lora_and_aggregator(backbone):
     peft = pytest.importorskip("peft")
-    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
+    model = models.apply_pdf(build_model(backbone), num_paths=2, prefix_len=4)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
                              use_dora=True)
     model = peft.get_peft_model(model, config)
     models.mark_pdf_trainable(model)  # peft froze everything but its adapters
     model.train()
-    inputs = build_inputs(kind, model, "right")
+    inputs = build_inputs(backbone, model, "right")
     embeddings = models.encode(model, inputs, [0, 1])
     aggregator = models.Aggregator(embeddings.shape[-1], 2)
     aggregator(embeddings).square().sum().backward()
@@ -134,11 +134,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
-def test_triton_backend_matches_torch_path(kind, monkeypatch):
-    if kind == "qwen2.5vl":
+def test_triton_backend_matches_torch_path(backbone, monkeypatch):
+    if backbone == "qwen2.5vl":
         pytest.skip("the same text attention shapes as qwen2vl: the interpreted kernels would add time, not cover more")
-    model = models.apply_pdf(build_model(kind), num_paths=2, prefix_len=4)
-    inputs = build_inputs(kind, model, "left")
+    model = models.apply_pdf(build_model(backbone), num_paths=2, prefix_len=4)
+    inputs = build_inputs(backbone, model, "left")
     with torch.no_grad():
         expected = models.encode(model, inputs, [0, 1])
         monkeypatch.setenv(settings.BACKEND.name, "triton")

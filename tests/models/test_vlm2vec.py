@@ -10,13 +10,13 @@ import torch
 
 from pdfkernels import models
 from pdfkernels.models.anatomy import attention_modules, decoder_stack, hf_model
-from tests.models.builders import KINDS, build_inputs, build_model
+from tests.models.builders import BACKBONES, build_inputs, build_model
 from tests.models.float64_oracle import float64_oracle
 from tests.models.vlm2vec_doubles import MMEBModel, build_double, build_double_inputs
 
 peft = pytest.importorskip("peft")
 
-_QWEN3VL = next(k for k in KINDS if getattr(k, "values", None) == ("qwen3vl",))  # skips where it is missing
+_QWEN3VL = next(k for k in BACKBONES if getattr(k, "values", None) == ("qwen3vl",))  # skips where it is missing
 CASES = [("qwen2vl", None), ("qwen2.5vl", None), pytest.param(*_QWEN3VL.values, None, marks=_QWEN3VL.marks),
          ("llava-next-mistral", None), ("vendored-qwen2vl", "flash_attention_2"),
          ("vendored-qwen2vl", "sdpa"), ("vendored-qwen2vl", "eager"), ("vendored-qwen2.5vl", "flash_attention_2"),
@@ -25,13 +25,15 @@ CASES = [("qwen2vl", None), ("qwen2.5vl", None), pytest.param(*_QWEN3VL.values, 
 # VLM2Vec's text targets; qkv_proj is Phi-3-V's fused projection (in VLM2Vec's default lora_target_modules)
 VLM2VEC_TARGETS = ["q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "down_proj"]
 
+VENDORED = ["vendored-qwen2vl", "vendored-qwen2.5vl", "vendored-phi3v", "vendored-llava-next"]
 
-def _build(kind, impl):
-    if kind.startswith("vendored"):
-        model = build_double(kind, impl)
+
+def _build(backbone, impl):
+    if backbone.startswith("vendored"):
+        model = build_double(backbone, impl)
         return model, build_double_inputs(model, "left")
-    model = build_model(kind)
-    return model, build_inputs(kind, model, "left")
+    model = build_model(backbone)
+    return model, build_inputs(backbone, model, "left")
 
 
 def _dora(model):
@@ -69,10 +71,10 @@ def _attention_calls(model):
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-@pytest.mark.parametrize("kind, impl", CASES)
-def test_vlm2vec_flow(kind, impl, reentrant):
+@pytest.mark.parametrize("backbone, impl", CASES)
+def test_vlm2vec_flow(backbone, impl, reentrant):
     torch.manual_seed(0)
-    base, inputs = _build(kind, impl)
+    base, inputs = _build(backbone, impl)
     base.config.use_cache = False  # as MMEBModel.build does
     encoder = _dora(base)
     plain = MMEBModel(copy.deepcopy(encoder))
@@ -118,10 +120,10 @@ def test_vlm2vec_flow(kind, impl, reentrant):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-qwen2.5vl", "vendored-phi3v", "vendored-llava-next"])
-def test_vendored_k_paths_in_one_call_equal_single_calls(kind):
+@pytest.mark.parametrize("backbone", VENDORED)
+def test_vendored_k_paths_in_one_call_equal_single_calls(backbone):
     torch.manual_seed(0)
-    base, inputs = _build(kind, "sdpa")
+    base, inputs = _build(backbone, "sdpa")
     model = models.apply_pdf(MMEBModel(base), num_paths=3, prefix_len=2)  # MMEBModel without peft
     with torch.no_grad():
         together = models.encode(model, inputs, [2, 0])
@@ -156,12 +158,12 @@ def test_a_dry_forward_that_fails_is_reported():
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
-@pytest.mark.parametrize("kind", ["vendored-qwen2vl", "vendored-qwen2.5vl", "vendored-phi3v", "vendored-llava-next"])
-def test_every_path_through_the_unchanged_encode_input(kind, padding):
+@pytest.mark.parametrize("backbone", VENDORED)
+def test_every_path_through_the_unchanged_encode_input(backbone, padding):
     """``encode_input`` inside ``use_paths(model, [2, 0])``: k·B rows, path-major, each path's rows equal to its
     single-path call, whichever side the batch is padded on (VLM2Vec pools with its B-row mask)."""
     torch.manual_seed(0)
-    base = build_double(kind, "sdpa")
+    base = build_double(backbone, "sdpa")
     inputs = build_double_inputs(base, padding, batch=4)
     model = models.apply_pdf(MMEBModel(_dora(base)), num_paths=3, prefix_len=2)
     with torch.no_grad():

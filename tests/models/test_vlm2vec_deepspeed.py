@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pdfkernels.integrations import vlm2vec
-from tests.models.test_vlm2vec_trainer import SETTINGS, _free_port
+from tests.models.test_vlm2vec_trainer import OBJECTIVE, _free_port
 from tests.models.vlm2vec_trainer_doubles import (
     Collator,
     GradCacheTrainer,
@@ -63,7 +63,7 @@ def _worker(rank, world, port, folder, stage, steps=1, resume=None):
         out = os.path.join(folder, f"{stage}-{resume is not None}")
         args = training_args(out, ddp_backend="gloo", optim="sgd", learning_rate=LR, max_steps=steps,
                              save_strategy="steps" if steps > 1 else "no", save_steps=max(1, steps // 2), **extra)
-        cls, model_args = vlm2vec.pdf_trainer(GradCacheTrainer, **SETTINGS), ModelArgs()
+        cls, model_args = vlm2vec.pdf_trainer(GradCacheTrainer, **OBJECTIVE), ModelArgs()
         try:
             metrics = Metrics()
             trainer = cls(model=MMEBModel.build(model_args), args=args, train_dataset=rows,

@@ -30,7 +30,7 @@ from tests.models.vlm2vec_trainer_doubles import (
 )
 
 H = 2
-SETTINGS = dict(num_paths=2, prefix_len=3, lambda_mim=0.1, estimator_steps=1, estimator_lr=1e-3, hard_negatives=H)
+OBJECTIVE = dict(num_paths=2, prefix_len=3, lambda_mim=0.1, estimator_steps=1, estimator_lr=1e-3, hard_negatives=H)
 BATCH = 4  # per rank; GradCache chunks of 2
 TEMPERATURE = 0.02  # the doubles' MMEBModel's
 
@@ -40,7 +40,7 @@ def _rows(counts: list[int], seed: int) -> list[dict]:
 
 
 def _trainer(folder, rows, layout, **overrides):
-    cls = vlm2vec.pdf_trainer(GradCacheTrainer, **SETTINGS)
+    cls = vlm2vec.pdf_trainer(GradCacheTrainer, **OBJECTIVE)
     record, model_args = Record(), ModelArgs()
     trainer = cls(model=MMEBModel.build(model_args), args=training_args(str(folder), **overrides),
                   train_dataset=rows, data_collator=Collator("right", layout, H), model_args=model_args,
@@ -59,15 +59,15 @@ def _info_nce64(q: torch.Tensor, t: torch.Tensor, negatives: torch.Tensor) -> to
 def _float64_reference(rows: list[dict]):
     """The objective on the union batch in one process, no chunks or gathers, the loss written out in float64:
     each query's first H negatives (fewer where it has fewer) join every query's candidates."""
-    settings = vlm2vec.settings_of(**SETTINGS)
-    model = models.apply_pdf(MMEBModel.build(ModelArgs()), 2, 3, seed=settings.seed)
-    aggregator, estimator = vlm2vec.build_heads(model, settings)
+    objective = vlm2vec.objective_of(**OBJECTIVE)
+    model = models.apply_pdf(MMEBModel.build(ModelArgs()), 2, 3, seed=objective.seed)
+    aggregator, estimator = vlm2vec.build_heads(model, objective)
     collate = Collator("right")
     qry, tgt = collate(rows)
     negs = [n for r in rows for n in r["neg"][:H]]
     q, t = (models.encode(model, batch, [0, 1]) for batch in (qry, tgt))  # [N, rows, d]
     n = models.encode(model, collate._batch(negs), [0, 1]) if negs else q[:, :0]
-    optimizer = torch.optim.AdamW(estimator.parameters(), lr=settings.estimator_lr)
+    optimizer = torch.optim.AdamW(estimator.parameters(), lr=objective.estimator_lr)
     optimizer.zero_grad()
     ((estimator.estimator_loss(q) + estimator.estimator_loss(t)) / 2).backward()
     optimizer.step()
@@ -75,7 +75,7 @@ def _float64_reference(rows: list[dict]):
     q64, t64, n64 = q.double(), t.double(), n.double()
     loss = _info_nce64(agg64(q64), agg64(t64), agg64(n64) if negs else n64[0])
     loss = loss + sum(_info_nce64(q64[i], t64[i], n64[i]) for i in range(2)) / 2
-    loss = loss + settings.lambda_mim * ((estimator.mim_loss(q) + estimator.mim_loss(t)) / 2).double()
+    loss = loss + objective.lambda_mim * ((estimator.mim_loss(q) + estimator.mim_loss(t)) / 2).double()
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     grads.update({f"aggregator.{n}": p.grad.float() for n, p in agg64.named_parameters()})

@@ -25,7 +25,7 @@ from tests.models.vlm2vec_trainer_doubles import (
     training_args,
 )
 
-SETTINGS = dict(num_paths=2, prefix_len=3, lambda_mim=0.1, estimator_steps=2, estimator_lr=1e-3)
+OBJECTIVE = dict(num_paths=2, prefix_len=3, lambda_mim=0.1, estimator_steps=2, estimator_lr=1e-3)
 BATCH = 4  # per rank; GradCache chunks of 2
 
 
@@ -62,9 +62,9 @@ class Record(TrainerCallback):
         self.after.append(self._heads())
 
 
-def _trainer(folder, rows, padding="right", settings=SETTINGS, model_args=None, **overrides):
+def _trainer(folder, rows, padding="right", objective=OBJECTIVE, model_args=None, **overrides):
     model_args = model_args or ModelArgs()
-    cls = vlm2vec.pdf_trainer(GradCacheTrainer, **settings)
+    cls = vlm2vec.pdf_trainer(GradCacheTrainer, **objective)
     record = Record()
     trainer = cls(model=MMEBModel.build(model_args), args=training_args(str(folder), **overrides),
                   train_dataset=rows, data_collator=Collator(padding), model_args=model_args, callbacks=[record])
@@ -83,13 +83,13 @@ def _worker(rank, world, port, folder):
 
 def _reference(rows):
     """The objective on the union batch in one process, written out directly (no chunks, no gathers)."""
-    settings = vlm2vec.PDFSettings(**SETTINGS)
-    model = models.apply_pdf(MMEBModel.build(ModelArgs()), 2, 3, seed=settings.seed)
-    aggregator, estimator = vlm2vec.build_heads(model, settings)
+    objective = vlm2vec.PDFObjective(**OBJECTIVE)
+    model = models.apply_pdf(MMEBModel.build(ModelArgs()), 2, 3, seed=objective.seed)
+    aggregator, estimator = vlm2vec.build_heads(model, objective)
     qry, tgt = Collator("right")(rows)
     q, t = models.encode(model, qry, [0, 1]), models.encode(model, tgt, [0, 1])  # [N, B, d]
-    optimizer = torch.optim.AdamW(estimator.parameters(), lr=settings.estimator_lr)
-    for _ in range(settings.estimator_steps):
+    optimizer = torch.optim.AdamW(estimator.parameters(), lr=objective.estimator_lr)
+    for _ in range(objective.estimator_steps):
         optimizer.zero_grad()
         ((estimator.estimator_loss(q) + estimator.estimator_loss(t)) / 2).backward()
         optimizer.step()
@@ -99,7 +99,7 @@ def _reference(rows):
         return F.cross_entropy(logits, torch.arange(a.shape[0]))
 
     loss = nce(aggregator(q), aggregator(t)) + (nce(q[0], t[0]) + nce(q[1], t[1])) / 2
-    loss = loss + settings.lambda_mim * (estimator.mim_loss(q) + estimator.mim_loss(t)) / 2
+    loss = loss + objective.lambda_mim * (estimator.mim_loss(q) + estimator.mim_loss(t)) / 2
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     grads.update({f"aggregator.{n}": p.grad for n, p in aggregator.named_parameters()})
@@ -173,7 +173,7 @@ def test_resumes_across_pdf_and_plain_checkpoints_are_refused(tmp_path):
 def test_a_bf16_backbone_prefix_trains_in_the_trainer(tmp_path):
     model_args = ModelArgs(dtype="bfloat16")
     trainer, record = _trainer(tmp_path, make_rows(3 * BATCH, seed=4), model_args=model_args,
-                               settings={**SETTINGS, "estimator_steps": 1}, max_steps=3, learning_rate=2e-5)
+                               objective={**OBJECTIVE, "estimator_steps": 1}, max_steps=3, learning_rate=2e-5)
     prefix = models.pdf_parameters(trainer.model)[0]
     assert prefix.dtype == torch.float32
     assert trainer.model.encoder.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
@@ -190,6 +190,6 @@ def test_deploy_the_single_prefix_embedding_from_a_checkpoint(tmp_path):
     with torch.no_grad(), models.use_paths(trainer.model, 0):
         expected = trainer.model.encode_input(qry)
     model_args = ModelArgs(checkpoint_path=str(tmp_path / "checkpoint-1"))
-    deployed = vlm2vec.load_checkpoint(MMEBModel.load(model_args, is_trainable=False), model_args.checkpoint_path)
+    deployed = vlm2vec.load_pdf_weights(MMEBModel.load(model_args, is_trainable=False), model_args.checkpoint_path)
     with torch.no_grad(), models.use_paths(deployed, 0):
         torch.testing.assert_close(deployed.encode_input(qry), expected, rtol=1e-5, atol=1e-6)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 
 from pdfkernels.integrations import vlm2vec
-from tests.models.test_vlm2vec_trainer import SETTINGS, _trainer
+from tests.models.test_vlm2vec_trainer import OBJECTIVE, _trainer
 from tests.models.vlm2vec_trainer_doubles import Collator, make_rows
 
-NO_MIM = {**SETTINGS, "lambda_mim": 0.0}  # the estimator would move between micro-batches
+NO_MIM = {**OBJECTIVE, "lambda_mim": 0.0}  # the estimator would move between micro-batches
 
 
 def _grads(record, step=0) -> dict:
@@ -27,11 +27,11 @@ def _assert_close(got: dict, want: dict) -> None:
 
 def test_gradient_accumulation_averages_the_micro_batches_as_the_trainer_does(tmp_path):
     rows = make_rows(8, seed=11)
-    first, a = _trainer(tmp_path / "a", rows[:4], settings=NO_MIM)
+    first, a = _trainer(tmp_path / "a", rows[:4], objective=NO_MIM)
     first.train()
-    second, b = _trainer(tmp_path / "b", rows[4:], settings=NO_MIM)
+    second, b = _trainer(tmp_path / "b", rows[4:], objective=NO_MIM)
     second.train()
-    both, ab = _trainer(tmp_path / "ab", rows, settings=NO_MIM, gradient_accumulation_steps=2)
+    both, ab = _trainer(tmp_path / "ab", rows, objective=NO_MIM, gradient_accumulation_steps=2)
     both.train()
     assert len(ab.steps) == 1
     _assert_close(_grads(ab), {n: (g + _grads(b)[n]) / 2 for n, g in _grads(a).items()})
@@ -91,4 +91,4 @@ def test_the_pdf_terms_are_logged_under_the_shared_metric_names(tmp_path):
 
     assert {f"pdf/{n}" for n in (objective.LOSS_AGG, objective.LOSS_PATH, objective.MI_ESTIMATE,
                                  objective.LOSS_ESTIMATOR)} <= set(logged)
-    assert vlm2vec.PDFSettings().temperature is None  # VLM2Vec's --temperature unless given
+    assert vlm2vec.PDFObjective().temperature is None  # VLM2Vec's --temperature unless given

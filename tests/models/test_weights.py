@@ -7,8 +7,8 @@ from pdfkernels import models
 from tests.models.builders import build_model
 
 
-def _patched(kind="qwen2vl", num_paths=2, prefix_len=3, seed=0):
-    return models.apply_pdf(build_model(kind), num_paths=num_paths, prefix_len=prefix_len, seed=seed)
+def _patched(backbone="qwen2vl", num_paths=2, prefix_len=3, seed=0):
+    return models.apply_pdf(build_model(backbone), num_paths=num_paths, prefix_len=prefix_len, seed=seed)
 
 
 def test_round_trip_restores_prefix_aggregator_and_estimator(tmp_path):
@@ -31,7 +31,7 @@ def test_round_trip_restores_prefix_aggregator_and_estimator(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pdf.safetensors"]  # no temporary file left
 
 
-@pytest.mark.parametrize("other", [dict(num_paths=3), dict(prefix_len=4), dict(kind="llava")])
+@pytest.mark.parametrize("other", [dict(num_paths=3), dict(prefix_len=4), dict(backbone="llava")])
 def test_loading_into_another_shape_is_refused(tmp_path, other):
     path = tmp_path / "pdf.safetensors"
     models.save_pdf(path, _patched())

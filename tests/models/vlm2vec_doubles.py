@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from pdfkernels.models.presets import IMAGE_TOKEN_ID, tiny_llava_next
+from pdfkernels.models.architectures import IMAGE_TOKEN_ID, tiny_llava_next
 from tests.models.phi3v_double import Phi3VForCausalLM, build_phi3v, build_phi3v_inputs
 
 PATCH_DIM = 12  # pixel features per visual token
@@ -302,18 +302,18 @@ class MMEBModel(nn.Module):
         self.encoder.enable_input_require_grads()
 
 
-def build_double(kind: str, attn_implementation: str = "sdpa") -> nn.Module:
-    if kind == "vendored-qwen2vl":
+def build_double(backbone: str, attn_implementation: str = "sdpa") -> nn.Module:
+    if backbone == "vendored-qwen2vl":
         return Qwen2VLForConditionalGeneration(FlatQwen2VLConfig(), attn_implementation).eval()
-    if kind == "vendored-qwen2.5vl":
+    if backbone == "vendored-qwen2.5vl":
         return Qwen2_5_VLForConditionalGeneration(FlatQwen2VLConfig(), attn_implementation).eval()
-    if kind == "vendored-phi3v":
+    if backbone == "vendored-phi3v":
         return build_phi3v(attn_implementation)
-    if kind == "vendored-llava-next":
+    if backbone == "vendored-llava-next":
         config = tiny_llava_next("mistral")
         config.text_config._attn_implementation = attn_implementation
         return LlavaNextForConditionalGeneration(config).eval()
-    raise ValueError(kind)
+    raise ValueError(backbone)
 
 
 def build_double_inputs(model: nn.Module, padding: str = "left", batch: int = 3) -> dict:

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 import pdfkernels.train.run as run
+from pdfkernels.models.families import PRESETS
 from pdfkernels.train.config import SHIPPED, TrainConfig, parse
-from pdfkernels.train.model import PRESETS
 
 
 def test_defaults_are_the_papers():

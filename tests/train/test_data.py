@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from pdfkernels.models.presets import tiny_qwen2vl
+from pdfkernels.models.architectures import tiny_qwen2vl
 from pdfkernels.train import synthetic
 from pdfkernels.train.data import IMAGE_PLACEHOLDER, ImageLoader, Qwen2VLCollator, TrainSampler
 from pdfkernels.train.loader import BadData, StepShares, TrainBatches
@@ -27,7 +27,7 @@ def _collator(max_length=512):
     tokenizer = local_tokenizer(synthetic.all_words())
     config = tiny_qwen2vl(len(tokenizer))
     set_special_ids(config, tokenizer)
-    return Qwen2VLCollator(tokenizer, image_processor(32, config=config), config, max_length), config
+    return Qwen2VLCollator(tokenizer, image_processor(32, model_config=config), config, max_length), config
 
 
 def _subsets(data):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import pdfkernels.train.run as run
-from pdfkernels.models.presets import tiny_qwen2vl
+from pdfkernels.models.architectures import tiny_qwen2vl
 from pdfkernels.train import synthetic
 from pdfkernels.train.data import Qwen2VLCollator
 from pdfkernels.train.model import image_processor, local_tokenizer, set_special_ids
@@ -34,7 +34,7 @@ def test_typed_special_tokens_are_text_not_image_tokens():
     tokenizer = local_tokenizer(synthetic.all_words())
     config = tiny_qwen2vl(len(tokenizer))
     set_special_ids(config, tokenizer)
-    collator = Qwen2VLCollator(tokenizer, image_processor(32, config=config), config)
+    collator = Qwen2VLCollator(tokenizer, image_processor(32, model_config=config), config)
     special = {config.image_token_id, config.vision_start_token_id, config.vision_end_token_id}
     text_only = collator([(TYPED, None)])
     assert not special & set(text_only["input_ids"].flatten().tolist())
@@ -104,7 +104,7 @@ def test_an_image_the_processor_refuses_is_a_bad_image(data, tmp_path, policy):
     tokenizer = local_tokenizer(synthetic.all_words())
     config = tiny_qwen2vl(len(tokenizer))
     set_special_ids(config, tokenizer)
-    collator = Qwen2VLCollator(tokenizer, _Refusing(image_processor(32, config=config)), config)
+    collator = Qwen2VLCollator(tokenizer, _Refusing(image_processor(32, model_config=config)), config)
     shares = StepShares(TrainSampler([rows], None, 0), ImageLoader(str(images)), collator, 6, 0, 1, 3, policy)
     step = next(s for s in range(50) if any(r["pos_image_path"] == "narrow.png" for r in shares.sampler.plan(s, 6)))
     if policy == "error":

@@ -7,10 +7,11 @@ import torch
 import transformers
 
 import pdfkernels.train.run as run
-from pdfkernels.models.presets import has_qwen3vl
+from pdfkernels.models.architectures import has_qwen3vl
+from pdfkernels.models.families import FAMILIES, PRESETS
 from pdfkernels.train.config import TrainConfig
 from pdfkernels.train.data import ImageLoader
-from pdfkernels.train.model import CLASSES, PRESETS, backbone, make_collator
+from pdfkernels.train.model import backbone, make_collator
 from pdfkernels.train.synthetic import all_words
 from tests.bench.test_table4 import PUBLISHED_B
 from tests.train.helpers import EVAL_KEYS, run_args, shapes_data
@@ -29,9 +30,9 @@ def data(tmp_path_factory):
 @pytest.mark.parametrize("preset", REAL)
 def test_real_presets_build_the_published_architecture(preset, data):
     model, tokenizer, processor = backbone(TrainConfig(model=preset), all_words(), torch.device("meta"))
-    kind = PRESETS[preset][0]
-    assert type(model).__name__ == CLASSES[kind][0]
-    assert model.config.model_type == kind
+    model_type = PRESETS[preset][0]
+    assert type(model).__name__ == FAMILIES[model_type].stock_class
+    assert model.config.model_type == model_type
     assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == PUBLISHED_B[preset]
     # the processor's patches are what the vision tower embeds, and the collator counts its tokens
     vision = model.config.vision_config

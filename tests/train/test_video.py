@@ -91,9 +91,9 @@ def test_rows_with_videos_are_checked():
 def test_video_patches_equal_the_processors_video_path():
     """transformers 4.52's Qwen2VLImageProcessor takes ``videos=``: ours, built from image calls, must equal it
     (5.x moved videos to a torchvision-only processor; there the patch layout is checked by the model run)."""
-    from pdfkernels.models.presets import tiny_qwen2vl
+    from pdfkernels.models.architectures import tiny_qwen2vl
 
-    processor = image_processor(32, kind="qwen2_vl", config=tiny_qwen2vl())
+    processor = image_processor(32, model_type="qwen2_vl", model_config=tiny_qwen2vl())
     clip = moving_square(5)  # odd: padded with the last frame to a multiple of temporal_patch_size 2
     patches, grid = qwen_video_patches(processor, clip, 2)
     assert grid.tolist() == [3, 8, 8] and patches.shape == (3 * 64, 3 * 2 * 4 * 4)

@@ -1,4 +1,5 @@
-"""Model configurations built locally (no hub): tiny ones for tests and CPU demos, real ones for speed work."""
+"""Model architectures (Hugging Face configs) built locally, no hub: tiny ones for tests and CPU demos, the real
+ones for speed work. The named presets that `--model` takes are in `families.py`."""
 
 from __future__ import annotations
 
