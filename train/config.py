@@ -32,7 +32,7 @@ class TrainConfig:
     lambda_con: float = 1.0
     temperature: float = 0.02
     # model
-    model: str = "tiny"  # a preset in train.model.PRESETS or a local directory (from_pretrained, offline)
+    model: str = "tiny"  # a preset in models.families.PRESETS or a local directory (from_pretrained, offline)
     lora_r: int | None = None  # DoRA rank on VLM2VEC_TARGETS; 0 trains every weight; None: 8, or 0 for "tiny"
     gradient_checkpointing: bool = False
     dtype: str = "auto"  # "bf16": frozen weights bf16, trainable fp32, bf16 autocast; "fp32"; "auto": bf16 on GPUs

@@ -67,27 +67,28 @@ def _image(row: dict, key: str, where: str) -> str:
     return value
 
 
+def _one_placeholder(text: str, placeholder: str, path: str, text_key: str, path_key: str, what: str,
+                     where: str) -> None:
+    """At most one ``placeholder`` in ``text``, present exactly when the side has a ``path`` (image or video)."""
+    if text.count(placeholder) > 1:
+        raise BadRow(f"{where}: '{text_key}' has {text.count(placeholder)} {placeholder}; one {what} "
+                     f"per side is supported")
+    if (placeholder in text) != bool(path):
+        raise BadRow(f"{where}: '{text_key}' {'has' if placeholder in text else 'has no'} "
+                     f"{placeholder} but '{path_key}' is {repr(path) if path else 'empty'}")
+
+
 def _agree_video(text: str, video: str, image: str, text_key: str, video_key: str, where: str) -> None:
     if video and image:
         raise BadRow(f"{where}: '{text_key}' side has both an image and '{video_key}'; one visual per side")
-    if text.count(VIDEO_PLACEHOLDER) > 1:
-        raise BadRow(f"{where}: '{text_key}' has {text.count(VIDEO_PLACEHOLDER)} {VIDEO_PLACEHOLDER}; one video "
-                     f"per side is supported")
-    if (VIDEO_PLACEHOLDER in text) != bool(video):
-        raise BadRow(f"{where}: '{text_key}' {'has' if VIDEO_PLACEHOLDER in text else 'has no'} "
-                     f"{VIDEO_PLACEHOLDER} but '{video_key}' is {repr(video) if video else 'empty'}")
+    _one_placeholder(text, VIDEO_PLACEHOLDER, video, text_key, video_key, "video", where)
 
 
 def _agree(text: str, image: str, text_key: str, image_key: str, where: str, video: str = "") -> None:
     if not image and not video and not text.strip():  # no token at all: the row's embedding would have no input
         raise BadRow(f"{where}: '{text_key}' is {'empty' if not text else 'whitespace only'} and '{image_key}' "
                      f"is empty: nothing to embed")
-    if text.count(IMAGE_PLACEHOLDER) > 1:
-        raise BadRow(f"{where}: '{text_key}' has {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER}; one image "
-                     f"per side is supported")
-    if (IMAGE_PLACEHOLDER in text) != bool(image):
-        raise BadRow(f"{where}: '{text_key}' {'has' if IMAGE_PLACEHOLDER in text else 'has no'} "
-                     f"{IMAGE_PLACEHOLDER} but '{image_key}' is {repr(image) if image else 'empty'}")
+    _one_placeholder(text, IMAGE_PLACEHOLDER, image, text_key, image_key, "image", where)
 
 
 def _check_side(text: str, image: str, video: str, text_key: str, image_key: str, video_key: str,
