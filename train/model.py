@@ -40,7 +40,7 @@ def image_processor(side: int | None = None, source: str | None = None, model_ty
     """A local directory's processor, the tiny presets' (images of ``side`` pixels), or the defaults; a Qwen-VL
     processor cuts the patches the architecture ``model_config`` embeds (Qwen3-VL: 16 pixels, with its 0.5
     mean/std)."""
-    entry = family(model_type, "the image processor")
+    entry = family(model_type, "the model for the image processor")
     cls = _processor_class(entry)
     if source is not None:
         return cls.from_pretrained(source, local_files_only=True)
@@ -132,7 +132,7 @@ def make_collator(model, tokenizer, processor, max_length: int, image_side: int 
     """The collator of the model's family; ``image_side`` > 0 resizes every image to that square first."""
     hf = models.patch.hf_model(model)
     # Qwen-VL: mm_token_type_ids where the forward models.encode calls takes them
-    if family(hf.config.model_type, "the collator").inputs == "qwen":
+    if family(hf.config.model_type, "the model for the collator").inputs == "qwen":
         forward = (models.patch.inner_model(model) or hf).forward
         collator = Qwen2VLCollator(tokenizer, processor, hf.config, max_length,
                                    token_types=takes_token_types(forward))
