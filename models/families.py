@@ -13,10 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import transformers
-
-from . import architectures
-
 
 @dataclass(frozen=True)
 class AttentionForm:
@@ -40,6 +36,17 @@ class AttentionForm:
 
 PLAIN = AttentionForm()
 Architecture = Callable[[int], Any]  # the tokenizer's vocabulary size -> a Hugging Face config (random weights)
+
+
+def _architecture(name: str, *args: Any, tiny: bool = False) -> Architecture:
+    """``architectures.<name>(*args)``, imported on use (transformers is not loaded with the models package); a
+    tiny one takes the locally built tokenizer's vocabulary, a real one keeps its own."""
+    def build(vocab: int):
+        from . import architectures
+
+        return getattr(architectures, name)(*args, **({"vocab_size": vocab} if tiny else {}))
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -68,25 +75,25 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen2_vl", "Qwen2-VL", ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
            {"Qwen2VLModel": PLAIN, "Qwen2VLTextModel": PLAIN}, "Qwen2VLForConditionalGeneration", "4.45",
            "Qwen2VLModel", "qwen", _QWEN_PROCESSOR, (3136, 12845056), video=True,
-           presets={"tiny": lambda vocab: architectures.tiny_qwen2vl(vocab_size=vocab),
-                    "qwen2vl-2b": lambda vocab: architectures.qwen2vl_2b(),
-                    "qwen2vl-7b": lambda vocab: architectures.qwen2vl_7b()}),
+           presets={"tiny": _architecture("tiny_qwen2vl", tiny=True),
+                    "qwen2vl-2b": _architecture("qwen2vl_2b"),
+                    "qwen2vl-7b": _architecture("qwen2vl_7b")}),
     Family("qwen2_5_vl", "Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
            {"Qwen2_5_VLModel": PLAIN, "Qwen2_5_VLTextModel": PLAIN}, "Qwen2_5_VLForConditionalGeneration", "4.49",
            "Qwen2_5_VLModel", "qwen", _QWEN_PROCESSOR, (3136, 12845056),
-           presets={"tiny-qwen2.5vl": lambda vocab: architectures.tiny_qwen2_5vl(vocab_size=vocab),
-                    "qwen2.5vl-3b": lambda vocab: architectures.qwen2_5vl_3b(),
-                    "qwen2.5vl-7b": lambda vocab: architectures.qwen2_5vl_7b()}),
+           presets={"tiny-qwen2.5vl": _architecture("tiny_qwen2_5vl", tiny=True),
+                    "qwen2.5vl-3b": _architecture("qwen2_5vl_3b"),
+                    "qwen2.5vl-7b": _architecture("qwen2_5vl_7b")}),
     # Qwen3-VL's pixel limits as recalled, not re-read here; its processor normalises with mean = std = 0.5
     Family("qwen3_vl", "Qwen3-VL", ("Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
            {"Qwen3VLTextModel": AttentionForm(qk_norm=True)}, "Qwen3VLForConditionalGeneration", "4.57",
            "Qwen3VLModel", "qwen", _QWEN_PROCESSOR, (65536, 16777216), image_mean_std=0.5,
-           presets={"tiny-qwen3vl": lambda vocab: architectures.tiny_qwen3vl(vocab_size=vocab),
-                    "qwen3vl-2b": lambda vocab: architectures.qwen3vl_2b()}),
+           presets={"tiny-qwen3vl": _architecture("tiny_qwen3vl", tiny=True),
+                    "qwen3vl-2b": _architecture("qwen3vl_2b")}),
     Family("llava_next", "LLaVA-NeXT (1.6)", ("LlavaNextForConditionalGeneration",), _LLAMA_LIKE,
            "LlavaNextForConditionalGeneration", "4.39", "LlavaNextModel", "llava", "LlavaNextImageProcessor",
-           presets={"tiny-llava-next": lambda vocab: architectures.tiny_llava_next("mistral", vocab_size=vocab),
-                    "llava-next-7b": lambda vocab: architectures.llava_next_7b()}),
+           presets={"tiny-llava-next": _architecture("tiny_llava_next", "mistral", tiny=True),
+                    "llava-next-7b": _architecture("llava_next_7b")}),
     Family("llava", "LLaVA-1.5", ("LlavaForConditionalGeneration",), _LLAMA_LIKE,
            "LlavaForConditionalGeneration", "4.36", "LlavaModel", "llava", "CLIPImageProcessor"),
     # VLM2Vec's vendored Phi-3-V (remote code only: neither the lean trainer nor export can build it)
@@ -111,6 +118,8 @@ def family(model_type: str, what: str) -> Family:
 
 def model_class(model_type: str, what: str) -> type:
     """The installed transformers' class for ``model_type``; a clear refusal where it has none."""
+    import transformers
+
     entry = family(model_type, what)
     cls = getattr(transformers, entry.stock_class, None)
     if cls is None:
@@ -121,6 +130,8 @@ def model_class(model_type: str, what: str) -> type:
 
 def load_local(folder: str, dtype, what: str) -> tuple[Any, str]:
     """(model, model type) from a local Hugging Face folder, offline, in ``dtype``, with its family's stock class."""
+    import transformers
+
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     cls = model_class(config.model_type, what)
     dtype_arg = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # 4.52's name

@@ -36,3 +36,12 @@ def test_train_run_py_as_a_script_from_anywhere(tmp_path):
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "--global-batch" in out.stdout
+
+
+def test_models_package_imports_without_transformers():
+    """The families table names classes as strings and builds architectures on use: importing the model side
+    (the patch, the table) does not load transformers, which costs over a second at start-up."""
+    code = "import sys, pdfkernels.models, pdfkernels.models.families\nprint('transformers' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

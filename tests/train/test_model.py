@@ -2,6 +2,8 @@
 meta device: no weights), its image processor cuts the patches that architecture embeds; the tiny Qwen2.5-VL /
 Qwen3-VL presets train and evaluate; a class the installed transformers lacks is refused, naming it."""
 
+import importlib
+
 import pytest
 import torch
 import transformers
@@ -52,8 +54,12 @@ def test_tiny_presets_of_the_new_backbones_train_and_evaluate(preset, data, tmp_
 
 
 def test_a_class_the_installed_transformers_lacks_is_refused(monkeypatch):
-    # as on 4.52 (the lazy module would import the class again on a plain delattr)
-    monkeypatch.setattr(transformers, "Qwen3VLForConditionalGeneration", None, raising=False)
+    # as on 4.52 (the lazy module would import the class again on a plain delattr). The first access loads the
+    # class, after which transformers 5.x registers a new lazy module in sys.modules: patch the one an import
+    # now returns (models/families.py imports transformers on use)
+    getattr(transformers, "Qwen3VLForConditionalGeneration", None)
+    monkeypatch.setattr(importlib.import_module("transformers"), "Qwen3VLForConditionalGeneration", None,
+                        raising=False)
     with pytest.raises(ValueError, match=r"model preset 'qwen3vl-2b' needs transformers' "
                        r"Qwen3VLForConditionalGeneration \(transformers >= 4\.57\); the installed transformers"):
         backbone(TrainConfig(model="qwen3vl-2b"), all_words(), torch.device("meta"))
