@@ -39,11 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pdfkernels import stock_loader
+from pdfkernels.models.families import FAMILIES
 
 log = logging.getLogger("pdf.embed")
 PARAMETERS_FILE = "embed.json"
 PARAMETERS = ("model", "data", "image_dir", "batch_size", "shard_size", "save_dtype", "format", "dtype",
-            "max_length", "image_resolution", "bad_rows", "bad_images", "allow_outside_images")
+            "max_length", "image_resolution", "num_frames", "video_fps", "bad_rows", "bad_images",
+              "allow_outside_images")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,24 +58,28 @@ class Part:
     """One data file: its distinct items (queries first) and, per kept row, (line, query index, target indices)."""
 
     path: str
-    items: list[tuple[str, str]]
+    items: list[tuple[str, str, str]]  # (text, image path, video path), '' where the side has none
     kinds: list[str]
     rows: list[tuple[int, int, list[int]]]
     eval_format: bool
     first_id: int = 0
 
 
-def _row_items(row: dict) -> tuple[tuple[str, str], list[tuple[str, str]]]:
+def _row_items(row: dict) -> tuple[tuple[str, str, str], list[tuple[str, str, str]]]:
+    """A checked row's query and candidates as the trainer's evaluation items (``train.evaluate.unique_items``)."""
     if "qry_text" in row:
-        return (row["qry_text"], row["qry_img_path"]), list(zip(row["tgt_text"], row["tgt_img_path"]))
-    return (row["qry"], row["qry_image_path"]), [(row["pos_text"], row["pos_image_path"])]
+        videos = row.get("tgt_video_path") or [""] * len(row["tgt_text"])
+        return ((row["qry_text"], row["qry_img_path"], row.get("qry_video_path", "")),
+                list(zip(row["tgt_text"], row["tgt_img_path"], videos)))
+    return ((row["qry"], row["qry_image_path"], row.get("qry_video_path", "")),
+            [(row["pos_text"], row["pos_image_path"], row.get("pos_video_path", ""))])
 
 
 def read_part(path: str, args) -> tuple[Part, int]:
     """A data file's checked rows as a ``Part`` and the number of rows left out (``--bad-rows skip``: a malformed
     row; ``--bad-images skip``: a row with an image that its header shows to be bad). An image that fails only
     when decoded leaves a NaN row in its shard (listed as ``failed``)."""
-    from pdfkernels.train import images
+    from pdfkernels.train import images, video
     from pdfkernels.train.images import BadImage
     from pdfkernels.train.rows import BadRow, _where, check_eval_row, check_train_row, read_rows
 
@@ -81,19 +87,20 @@ def read_part(path: str, args) -> tuple[Part, int]:
     first = next((r for r in rows if isinstance(r, dict)), {})
     eval_format = "qry_text" in first
     check = check_eval_row if eval_format else check_train_row
-    verdicts: dict[str, str | None] = {}  # image path -> why it is bad (its header, train/images.py), or None
+    verdicts: dict[str, str | None] = {}  # image or video path -> why its header is bad, or None
 
-    def image_problem(image: str) -> str | None:
-        if image and image not in verdicts:
+    def problem_of(image: str, clip: str) -> str | None:
+        path = clip or image
+        if path and path not in verdicts:
             try:
-                images.check(args.image_dir, image, args.allow_outside_images)
-                verdicts[image] = None
+                (video.check if clip else images.check)(args.image_dir, path, args.allow_outside_images)
+                verdicts[path] = None
             except BadImage as exc:
-                verdicts[image] = str(exc)
-        return verdicts.get(image)
+                verdicts[path] = str(exc)
+        return verdicts.get(path)
 
-    queries: dict[tuple[str, str], int] = {}
-    targets: dict[tuple[str, str], int] = {}
+    queries: dict[tuple[str, str, str], int] = {}
+    targets: dict[tuple[str, str, str], int] = {}
     kept, bad, bad_images = [], 0, 0
     for index, row in enumerate(rows):
         where = _where(path, index)
@@ -108,7 +115,7 @@ def read_part(path: str, args) -> tuple[Part, int]:
                 log.warning("%s: leaving out a bad row: %s", path, exc)
             bad += 1
             continue
-        problem = next((why for _, image in [query, *candidates] if (why := image_problem(image))), None)
+        problem = next((why for _, image, clip in [query, *candidates] if (why := problem_of(image, clip))), None)
         if problem:
             if args.bad_images == "error":
                 raise BadImage(f"{where}: {problem} (run with --bad-images skip to leave such rows out)")
@@ -200,8 +207,9 @@ def write_index(out: Path, parts: list[Part]) -> None:
     """``items.jsonl`` and ``rows.jsonl`` (rank 0, before any shard; atomic)."""
     items, rows = [], []
     for part in parts:
-        for i, ((text, image), kind) in enumerate(zip(part.items, part.kinds)):
-            items.append({"id": part.first_id + i, "file": part.path, "kind": kind, "text": text, "image": image})
+        for i, ((text, image, clip), kind) in enumerate(zip(part.items, part.kinds)):
+            items.append({"id": part.first_id + i, "file": part.path, "kind": kind, "text": text, "image": image,
+                          "video": clip})
         for line, q, targets in part.rows:
             rows.append({"file": part.path, "line": line, "query": part.first_id + q,
                          "targets": [part.first_id + t for t in targets]})
@@ -265,6 +273,8 @@ def precision_at_1(out: str | Path) -> dict[str, float]:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    from pdfkernels.train.config import TrainConfig  # the trainer's video defaults
+
     parser = argparse.ArgumentParser(prog="python -m pdfkernels.embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export folder (python -m pdfkernels.export)")
     parser.add_argument("--data", nargs="+", required=True, help="MMEB jsonl/parquet files")
@@ -279,6 +289,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype")
     parser.add_argument("--max-length", type=int, default=512, help="text tokens per item, as the trainer's")
     parser.add_argument("--image-resolution", type=int, default=0, help="resize images to S x S first (0: keep)")
+    parser.add_argument("--num-frames", type=int, default=TrainConfig.num_frames, help="frames sampled per video")
+    parser.add_argument("--video-fps", type=float, default=TrainConfig.video_fps,
+                        help="> 0: a video file gives at most duration x fps frames")
     parser.add_argument("--bad-rows", choices=("error", "skip"), default="error")
     parser.add_argument("--bad-images", choices=("error", "skip"), default="skip")
     parser.add_argument("--allow-outside-images", action="store_true")
@@ -286,9 +299,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--score", action="store_true", help="Precision@1 per eval file into scores.json")
     parser.add_argument("--overwrite", action="store_true", help="replace an OUT holding other embeddings")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "shard_size", "max_length"):
+    for name in ("batch_size", "shard_size", "max_length", "num_frames"):
         if getattr(args, name) < 1:
             raise EmbedError(f"--{name.replace('_', '-')} expected an int >= 1, got {getattr(args, name)}")
+    for name in ("image_resolution", "num_workers", "video_fps"):
+        if (getattr(args, name) or 0) < 0:
+            raise EmbedError(f"--{name.replace('_', '-')} expected a value >= 0, got {getattr(args, name)}")
     if args.shard_size % args.batch_size:
         raise EmbedError(f"--shard-size expected a multiple of --batch-size ({args.batch_size}), got "
                          f"{args.shard_size}")
@@ -312,6 +328,12 @@ def run(args: argparse.Namespace) -> dict:
         part, bad = read_part(path, args)
         parts.append(part)
         bad_rows += bad
+    model_type = json.loads((Path(args.model) / "config.json").read_text())["model_type"]
+    family = FAMILIES.get(model_type)
+    if family is not None and not family.video and any(clip for part in parts for _, _, clip in part.items):
+        reads = [f.title for f in FAMILIES.values() if f.video]
+        raise EmbedError(f"--data holds video rows, which {family.title} does not read here (video rows: "
+                         f"{', '.join(reads)} only); leave them out of --data")
     offset = 0
     for part in parts:
         part.first_id, offset = offset, offset + len(part.items)
@@ -337,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
     pending = [s for s in mine if not shard_done(out, s[0], args.format)]
     if len(pending) < len(mine):
         log.info("rank %d: %d of its %d shards are complete already (kept)", rank, len(mine) - len(pending), len(mine))
-    loader = ImageLoader(args.image_dir, args.allow_outside_images)
+    loader = ImageLoader(args.image_dir, args.allow_outside_images, args.num_frames, args.video_fps)
     batches = ShardBatches([(n, part.items[a:b]) for n, part, a, b in pending], loader, collator, args.batch_size,
                            args.bad_images)
     workers = default_workers() if args.num_workers is None else args.num_workers
