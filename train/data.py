@@ -122,6 +122,8 @@ class Collator:
     def image_block(self, count: int) -> list[int]:
         return [self.image_id] * count
 
+    reads_video = False  # whether ``videos`` builds inputs (models/families.py says which families do)
+
     def videos(self, videos: list[Video]) -> tuple[dict, list[int]]:
         """(model inputs for the videos, number of video tokens of each)."""
         raise ValueError(f"{type(self).__name__}: this backbone takes no video rows ({VIDEO_PLACEHOLDER}); "
@@ -207,6 +209,24 @@ class Collator:
         return self.assemble(self.prepare(examples))
 
 
+VIDEO_FIELDS = ("qry_video_path", "pos_video_path", "tgt_video_path")
+
+
+def refuse_unread_videos(collator: Collator, rows: list[dict], path: str) -> None:
+    """Stop at the start when ``path`` holds video rows the backbone cannot read: row by row they would be
+    taken for bad images (and skipped under ``--bad-images skip``) instead."""
+    if collator.reads_video:
+        return
+    def has(value) -> bool:  # a path, or a list of paths ('' for none)
+        return any(value) if isinstance(value, list) else bool(value)
+
+    found = next(((i, key) for i, row in enumerate(rows) for key in VIDEO_FIELDS if has(row.get(key))), None)
+    if found is not None:
+        supported = [f.title for f in FAMILIES.values() if f.video]
+        raise ValueError(f"config: {path} row {found[0] + 1} has '{found[1]}', but this backbone "
+                         f"({type(collator).__name__}) reads no video rows (video rows: {', '.join(supported)} only)")
+
+
 def takes_token_types(forward) -> bool:
     """Whether a model's ``forward`` takes ``mm_token_type_ids`` (Qwen-VL on transformers 5.x; 4.52 has none)."""
     import inspect
@@ -245,9 +265,13 @@ class Qwen2VLCollator(Collator):
     def image_block(self, count):
         return [self.start_id] + [self.image_id] * count + [self.end_id]
 
-    def videos(self, videos):
+    @property
+    def reads_video(self) -> bool:
         entry = FAMILIES.get(self.model_type)
-        if entry is None or not entry.video:  # models/families.py says which families read video rows
+        return entry is not None and entry.video
+
+    def videos(self, videos):
+        if not self.reads_video:  # models/families.py says which families read video rows
             supported = [f.title for f in FAMILIES.values() if f.video]
             raise ValueError(f"video rows are supported for {', '.join(supported)} only, not {self.model_type!r}")
         processed = [qwen_video_patches(self.image_processor, v.frames, self.temporal_patch) for v in videos]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from pdfkernels import models
 
-from .data import BadImage, Collator, ImageLoader
+from .data import BadImage, Collator, ImageLoader, refuse_unread_videos
 from .eval_data import load_eval_subset
 from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
@@ -254,6 +254,7 @@ def evaluate(model, collator: Collator, config, aggregator, device, out_dir: str
     results: dict = {}
     for path in config.eval_data:  # the rows and candidates the start check kept (train/eval_data.py)
         data = load_eval_subset(path, config.image_dir, config.allow_outside_images, config.bad_images)
+        refuse_unread_videos(collator, data.rows, path)
         subset = Path(path).stem
         results[subset], rows, candidates = score_subset(model, collator, data.rows, loader, config, aggregator,
                                                          device, subset, should_stop)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import BadImage, Collator, ImageLoader, TrainSampler, example, negatives
+from .data import BadImage, Collator, ImageLoader, TrainSampler, example, negatives, refuse_unread_videos
 
 log = logging.getLogger("pdf.data")
 MAX_ATTEMPTS = 64  # draws per position before a 'skip' run gives up on finding a readable row
@@ -228,6 +228,8 @@ def train_batches(config, collator: Collator, rank: int, world_size: int, start:
     from .rows import load_train_rows
 
     subsets = [load_train_rows(p, config.bad_rows, config.hard_negatives) for p in config.train_data]
+    for path, rows in zip(config.train_data, subsets):
+        refuse_unread_videos(collator, rows, path)
     sampler = TrainSampler(subsets, config.subset_weights or None, config.seed)
     images = ImageLoader(config.image_dir, config.allow_outside_images, config.num_frames, config.video_fps)
     shares = StepShares(sampler, images, collator, config.global_batch, rank, world_size,

@@ -38,6 +38,7 @@ from pdfkernels import models  # noqa: E402
 
 from . import checkpoint, guards, outdir, resume, signals, synthetic
 from .config import SHIPPED, ConfigError, TrainConfig, parse
+from .data import refuse_unread_videos
 from .eval_data import check_eval_data
 from .evaluate import evaluate, markdown
 from .images import BadImage
@@ -46,7 +47,7 @@ from .metrics import RunDiagnostics
 from .metrics_log import MetricsLog
 from .model import build, make_collator
 from .progress import Progress
-from .rows import BadRow
+from .rows import BadRow, load_eval_rows
 from .step import Parts, train_step
 
 log = logging.getLogger("pdf")
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     # model, data, optimisation
     model, tokenizer, processor = build(config, synthetic.all_words(), device)
     collator = make_collator(model, tokenizer, processor, config.max_length, config.image_resolution)
+    if config.evaluate and not collator.reads_video:  # video eval rows stop now, not after the training
+        for path in config.eval_data:
+            refuse_unread_videos(collator, load_eval_rows(path), path)
     parts = make_parts(config, model, device)
     out = Path(config.out_dir)
     ckpt_dir = out / "checkpoints"

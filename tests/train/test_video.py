@@ -140,3 +140,19 @@ def test_tiny_qwen2vl_trains_and_evaluates_on_images_videos_and_documents(tmp_pa
     assert evaluation["visdoc"]["chance"] == pytest.approx(1 / (4 * synthetic_docs.JUDGED))  # every page ranked
     printed = capsys.readouterr().out
     assert "Hit@1 single" in printed and "NDCG@5 single" in printed and "| visdoc |" in printed
+
+
+@pytest.mark.parametrize("side", ["train", "eval"])
+def test_video_rows_for_a_backbone_that_reads_none_stop_the_run_at_the_start(tmp_path, side):
+    """LLaVA-NeXT reads no video: its rows would otherwise be taken for bad images (and skipped) row by row."""
+    data = synthetic.generate(tmp_path / "data", num_train=24, num_eval=4, seed=1)
+    synthetic_video.generate(tmp_path / "data", num_train=24, num_eval=4, seed=2)
+    args = run_args(data, tmp_path / "out", "--steps", "1", "--num-workers", "0", "--model", "tiny-llava-next",
+                    "--bad-images", "skip")
+    flag = "--train-data" if side == "train" else "--eval-data"
+    videos = str(data / side / "t2v.jsonl")
+    args[args.index(flag) + 1:args.index(flag) + 1] = [videos]
+    with pytest.raises(ValueError, match=rf"{videos} row 1 has '(pos|qry|tgt)_video_path', but this backbone "
+                                         r"\(LlavaCollator\) reads no video rows \(video rows: Qwen2-VL only\)"):
+        run.main(args)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # stopped before the first step
