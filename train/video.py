@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ def _file_frames(full: Path, num_frames: int, fps: float) -> list[Image.Image]:
             if not container.streams.video:
                 raise BadImage(f"video {full}: no video stream")
             stream = container.streams.video[0]
-            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # header, else packets
+            # the header's count, else the packets, counted no further than the limit (a long file must not stall)
+            total = stream.frames or sum(1 for _ in islice((p for p in container.demux(stream) if p.size),
+                                                           MAX_FRAMES + 1))
             if total > MAX_FRAMES:
                 raise BadImage(f"video {full}: {total} frames, above the {MAX_FRAMES} this trainer decodes")
             if total == 0:
@@ -102,7 +105,9 @@ def load(image_dir: str, path: str, num_frames: int = 8, fps: float = 0.0, allow
             raise BadImage(f"video {full}: a folder without frame images ({', '.join(FRAME_SUFFIXES)})")
         if len(files) > MAX_FRAMES:
             raise BadImage(f"video {full}: {len(files)} frames, above the {MAX_FRAMES} this trainer decodes")
-        frames = [images.load("", str(files[i])) for i in sample_indices(len(files), num_frames)]
+        # each frame confined too: a symlinked frame must not lead out of image_dir
+        frames = [images.load(image_dir, str(Path(path) / files[i].name), allow_outside)
+                  for i in sample_indices(len(files), num_frames)]
     elif full.is_file():
         frames = [images.to_rgb(f, full) for f in _file_frames(full, num_frames, fps)]
     else:
