@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger("pdf.data")
@@ -170,10 +171,10 @@ def check_eval_row(row: dict, where: str) -> dict:
     if "rel_scores" in row:  # a visdoc row (MMEB-V2's qrels): ranked against every candidate of its subset
         scores = row["rel_scores"]
         if (not isinstance(scores, list) or len(scores) != len(texts) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in scores)
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in scores)
                 or not any(x > 0 for x in scores)):
-            raise BadRow(f"{where}: 'rel_scores' expected a list of {len(texts)} numbers >= 0 (one per candidate, "
-                         f"at least one > 0), got {scores!r:.80}")
+            raise BadRow(f"{where}: 'rel_scores' expected a list of {len(texts)} finite numbers >= 0 (one per "
+                         f"candidate, at least one > 0), got {scores!r:.80}")
         out["rel_scores"] = [float(x) for x in scores]
     if not out["qry_video_path"] and not any(out["tgt_video_path"]):  # rows without videos stay as they were
         del out["qry_video_path"], out["tgt_video_path"]

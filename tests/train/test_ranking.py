@@ -51,3 +51,15 @@ def test_hit_at_1_equals_precision_at_1_on_mmeb_rows():
     valid[:, 1:] = index[:, 1:] != index[:, :1]
     expected = hits(queries, candidates, cands_of).double().mean()
     assert ranking_metrics(scores, gains, valid)["hit@1"] == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("scores", [[1, 0], [1.0, -1.0, 0.0], [0, 0, 0], [True, 0, 0], [float("inf"), 0, 0],
+                                    [float("nan"), 1, 0], "1,0,0", [1, "0", 0]])
+def test_bad_rel_scores_are_bad_rows_naming_the_field(scores):
+    from pdfkernels.train.rows import BadRow, check_eval_row
+
+    row = {"qry_text": "q", "qry_img_path": "", "tgt_text": ["a", "b", "c"], "tgt_img_path": ["", "", ""],
+           "rel_scores": scores}
+    with pytest.raises(BadRow, match=r"e line 1: 'rel_scores' expected a list of 3 finite numbers >= 0"):
+        check_eval_row(row, "e line 1")
+    assert check_eval_row({**row, "rel_scores": [0, 2, 1]}, "e line 1")["rel_scores"] == [0.0, 2.0, 1.0]
