@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from pdfkernels import stock_loader
 from pdfkernels.models.families import FAMILIES
+from pdfkernels.train.checkpoint import file_sha256
 
 log = logging.getLogger("pdf.embed")
 PARAMETERS_FILE = "embed.json"
@@ -167,10 +168,6 @@ def shard_plan(parts: list[Part], shard_size: int) -> list[tuple[int, Part, int,
     return plan
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def shard_names(out: Path, number: int, fmt: str) -> tuple[Path, Path]:
     return out / f"shard-{number:05d}.{fmt}", out / f"shard-{number:05d}.json"
 
@@ -179,7 +176,7 @@ def shard_done(out: Path, number: int, fmt: str) -> bool:
     """Whether a shard is complete: its record exists and the array file has the recorded SHA-256."""
     data, record = shard_names(out, number, fmt)
     try:
-        return data.is_file() and json.loads(record.read_text())["sha256"] == _sha256(data)
+        return data.is_file() and json.loads(record.read_text())["sha256"] == file_sha256(data)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -197,7 +194,7 @@ def write_shard(out: Path, number: int, ids: list[int], embeddings: torch.Tensor
         save_file({"embeddings": values.contiguous(), "ids": torch.tensor(ids, dtype=torch.int64)}, str(tmp))
     os.replace(tmp, data)
     description = {"shard": number, "ids": [ids[0], ids[-1] + 1], "count": len(ids), "dim": int(values.shape[1]),
-                   "dtype": args.save_dtype, "failed": failed, "sha256": _sha256(data)}
+                   "dtype": args.save_dtype, "failed": failed, "sha256": file_sha256(data)}
     tmp_record = record.with_name("." + record.name + ".tmp")
     tmp_record.write_text(json.dumps(description) + "\n")
     os.replace(tmp_record, record)
@@ -217,6 +214,14 @@ def write_index(out: Path, parts: list[Part]) -> None:
         tmp = out / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
         os.replace(tmp, out / name)
+
+
+def export_digest(folder: Path) -> str:
+    """SHA-256 over the export's description and its prefix (what a re-export changes; the backbone's weights,
+    gigabytes, are not read)."""
+    described = folder / stock_loader.EXPORT_FILE
+    prefix = folder / json.loads(described.read_text())["prefix_file"]
+    return hashlib.sha256((file_sha256(described) + file_sha256(prefix)).encode()).hexdigest()
 
 
 def check_parameters(out: Path, parameters: dict, overwrite: bool) -> None:
@@ -338,9 +343,12 @@ def run(args: argparse.Namespace) -> dict:
     for part in parts:
         part.first_id, offset = offset, offset + len(part.items)
     parameters = {k: getattr(args, k) for k in PARAMETERS}
+    parameters["model_sha256"] = export_digest(Path(args.model))  # a re-export into the same folder is another model
     parameters.update(items=offset, eval_files=[p.path for p in parts if p.eval_format])
+    check_parameters(out, parameters, args.overwrite)  # on every rank: a refusal stops all, none waits at a barrier
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read the old embed.json before rank 0 replaces it
     if rank == 0:
-        check_parameters(out, parameters, args.overwrite)
         if args.overwrite and out.exists():
             for stale in [*out.glob("shard-*"), *out.glob(".shard-*"), out / "scores.json"]:
                 stale.unlink(missing_ok=True)

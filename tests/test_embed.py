@@ -204,3 +204,14 @@ def test_video_rows_for_a_family_that_reads_no_video_are_refused_before_any_shar
     assert embed.main(_args(data, exported, tmp_path / "emb", files=(_video_rows(data),))) == 1
     assert "--data holds video rows, which Qwen2-VL does not read here" in capsys.readouterr().err
     assert not (tmp_path / "emb").exists()  # refused before anything is written
+
+
+def test_a_re_export_into_the_same_model_folder_is_not_resumed_into_the_old_shards(trained, tmp_path, capsys):
+    import shutil
+
+    data, run, exported = trained
+    model = shutil.copytree(exported, tmp_path / "export")
+    assert embed.main(_args(data, model, tmp_path / "emb")) == 0
+    assert export.main([str(run), str(model), "--path", "1", "--overwrite"]) == 0  # another prefix, same folder
+    assert embed.main(_args(data, model, tmp_path / "emb")) == 1
+    assert "other settings (model_sha256:" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def checksum_file(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -92,7 +92,7 @@ def save(folder: str | Path, step: int, parts, config, keep: int, run_id: str = 
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        record = {"step": step, "run": run_id, "bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
+        record = {"step": step, "run": run_id, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp)}
         record_tmp.write_text(json.dumps(record))
         os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoints intact
         os.replace(record_tmp, checksum_file(path))
@@ -173,7 +173,7 @@ def damage(path: Path) -> str | None:
         size = path.stat().st_size
         if size != record.get("bytes"):
             return f"{size} bytes, {record.get('bytes')} recorded"
-        if _sha256(path) != record.get("sha256"):
+        if file_sha256(path) != record.get("sha256"):
             return "SHA-256 differs from the recorded one"
     return _zip_damage(path)
 

@@ -34,7 +34,7 @@ def test_a_crafted_checkpoint_with_a_matching_record_runs_no_code(tmp_path):
     marker = tmp_path / "payload-ran"
     crafted = tmp_path / "step_0000002.pt"
     torch.save({"step": 2, "model": _Payload(str(marker))}, crafted)
-    record = {"step": 2, "run": "r", "bytes": crafted.stat().st_size, "sha256": checkpoint._sha256(crafted)}
+    record = {"step": 2, "run": "r", "bytes": crafted.stat().st_size, "sha256": checkpoint.file_sha256(crafted)}
     checkpoint.checksum_file(crafted).write_text(json.dumps(record))  # whoever crafts it can compute this
     path, state = checkpoint.load_latest_intact(tmp_path)
     assert not marker.exists(), "loading the crafted checkpoint ran its payload"
