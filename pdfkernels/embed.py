@@ -15,8 +15,8 @@ ids of its query and targets) and the embeddings in shards of ``--shard-size`` i
 and ``ids``) each completed by ``shard-NNNNN.json`` (ids, SHA-256 of the array file, items whose image failed
 to decode: NaN rows). Shards are written to a temporary name and renamed, so a killed run keeps every
 completed shard and a rerun encodes only the missing ones (identical files: one shard's batches never depend on
-another's). ``--score`` also writes Precision@1 per eval file (positive = candidate 0; ties count against it)
-to ``scores.json``. Bad rows (``--bad-rows``) and bad images (``--bad-images``): as the trainer's flags.
+another's). ``--score`` also writes Precision@1 per MMEB eval file (positive = candidate 0; ties count against
+it; ``precision_at_1``) to ``scores.json``. Bad rows (``--bad-rows``) and bad images (``--bad-images``): as the trainer's flags.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class Part:
     kinds: list[str]
     rows: list[tuple[int, int, list[int]]]
     eval_format: bool
+    ranked: bool = False  # rows with rel_scores: visual documents, ranked against every candidate of the file
     first_id: int = 0
 
 
@@ -102,13 +103,15 @@ def read_part(path: str, args) -> tuple[Part, int]:
 
     queries: dict[tuple[str, str, str], int] = {}
     targets: dict[tuple[str, str, str], int] = {}
-    kept, bad, bad_images = [], 0, 0
+    kept, bad, bad_images, bad_negatives, ranked = [], 0, 0, 0, False
     for index, row in enumerate(rows):
         where = _where(path, index)
         try:
             if isinstance(row, BadRow):
                 raise row
-            query, candidates = _row_items(check(row, where))
+            checked = check(row, where)
+            query, candidates = _row_items(checked)
+            ranked = ranked or "rel_scores" in checked
         except BadRow as exc:
             if args.bad_rows == "error":
                 raise BadRow(f"bad row (run with --bad-rows skip to leave such rows out): {exc}") from None
@@ -116,25 +119,30 @@ def read_part(path: str, args) -> tuple[Part, int]:
                 log.warning("%s: leaving out a bad row: %s", path, exc)
             bad += 1
             continue
-        problem = next((why for _, image, clip in [query, *candidates] if (why := problem_of(image, clip))), None)
-        if problem:
-            if args.bad_images == "error":
-                raise BadImage(f"{where}: {problem} (run with --bad-images skip to leave such rows out)")
+        problems = [(i, why) for i, (_, image, clip) in enumerate([query, *candidates])
+                    if (why := problem_of(image, clip))]
+        if problems and args.bad_images == "error":
+            raise BadImage(f"{where}: {problems[0][1]} (run with --bad-images skip to leave such rows out)")
+        if problems and problems[0][0] <= 1:  # the query or the positive: nothing left to score (as the trainer)
             if bad_images == 0:
-                log.warning("%s: leaving out a row with a bad image: %s: %s", path, where, problem)
+                log.warning("%s: leaving out a row with a bad image: %s: %s", path, where, problems[0][1])
             bad_images += 1
             continue
+        if problems:  # bad negatives only: those candidates go, the row stays (train/eval_data.py's rule)
+            candidates = [c for i, c in enumerate(candidates, start=1) if i not in {j for j, _ in problems}]
+            bad_negatives += len(problems)
         q = queries.setdefault(query, len(queries))
         kept.append((index + 1, q, [targets.setdefault(c, len(targets)) for c in candidates]))
-    if bad_images:
-        log.warning("%s: %d rows with bad images of %d left out", path, bad_images, len(rows))
+    if bad_images or bad_negatives:
+        log.warning("%s: %d rows with a bad query or positive image of %d left out, %d bad negative candidates",
+                    path, bad_images, len(rows), bad_negatives)
     if bad:
         log.warning("%s: %d bad rows of %d left out", path, bad, len(rows))
     if not kept:
         raise EmbedError(f"data file {path}: no usable row ({bad} bad)")
     offset = len(queries)
     part = Part(path, list(queries) + list(targets), ["query"] * len(queries) + ["target"] * len(targets),
-                [(line, q, [offset + t for t in ts]) for line, q, ts in kept], eval_format)
+                [(line, q, [offset + t for t in ts]) for line, q, ts in kept], eval_format, ranked)
     return part, bad + bad_images
 
 
@@ -256,8 +264,9 @@ def read_embeddings(out: str | Path) -> torch.Tensor:
 
 
 def precision_at_1(out: str | Path) -> dict[str, float]:
-    """Precision@1 per eval-format file of a finished ``OUT`` (unit-normalised embeddings, candidate 0 is the
-    positive, ties and NaN rows count against it), as train/evaluate.py scores it."""
+    """Precision@1 per MMEB eval file of a finished ``OUT`` (unit-normalised embeddings, candidate 0 the positive,
+    a tie counts against it), as train/evaluate.py scores it: a row whose query or positive failed to decode is
+    left out, a failed negative is no rival. Keyed by file stem (by path where two files share a stem)."""
     from pdfkernels.train.evaluate import hits
 
     out = Path(out)
@@ -267,13 +276,23 @@ def precision_at_1(out: str | Path) -> dict[str, float]:
         row = json.loads(line)
         rows.setdefault(row["file"], []).append(row)
     kinds = json.loads((out / PARAMETERS_FILE).read_text())["eval_files"]
+    decoded = ~embeddings.isnan().any(1)
+    stems = [Path(f).stem for f in rows if f in kinds]
     scores = {}
     for file, entries in rows.items():
         if file not in kinds:
             continue
-        queries = embeddings[torch.tensor([r["query"] for r in entries])].nan_to_num(0.0)
-        found = hits(queries, embeddings.nan_to_num(0.0), [r["targets"] for r in entries])
-        scores[Path(file).stem] = float(found.float().mean())
+        kept = [r for r in entries if decoded[r["query"]] and decoded[r["targets"][0]]]
+        name = Path(file).stem if stems.count(Path(file).stem) == 1 else file
+        if len(kept) < len(entries):
+            log.warning("%s: %d of %d rows left out of the score (their query or positive failed to decode)",
+                        file, len(entries) - len(kept), len(entries))
+        if not kept:
+            scores[name] = float("nan")
+            continue
+        targets = [[t for t in r["targets"] if decoded[t]] for r in kept]
+        found = hits(embeddings[torch.tensor([r["query"] for r in kept])], embeddings.nan_to_num(0.0), targets)
+        scores[name] = float(found.float().mean())
     return scores
 
 
@@ -344,7 +363,10 @@ def run(args: argparse.Namespace) -> dict:
         part.first_id, offset = offset, offset + len(part.items)
     parameters = {k: getattr(args, k) for k in PARAMETERS}
     parameters["model_sha256"] = export_digest(Path(args.model))  # a re-export into the same folder is another model
-    parameters.update(items=offset, eval_files=[p.path for p in parts if p.eval_format])
+    parameters.update(items=offset, eval_files=[p.path for p in parts if p.eval_format and not p.ranked])
+    if args.score and any(p.ranked for p in parts):
+        log.warning("--score: files with rel_scores (visual documents) are ranked against the whole subset by the "
+                    "trainer (NDCG@5); their embeddings are written, Precision@1 is not computed for them")
     check_parameters(out, parameters, args.overwrite)  # on every rank: a refusal stops all, none waits at a barrier
     if dist.is_initialized():
         dist.barrier()  # every rank has read the old embed.json before rank 0 replaces it

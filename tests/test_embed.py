@@ -215,3 +215,32 @@ def test_a_re_export_into_the_same_model_folder_is_not_resumed_into_the_old_shar
     assert export.main([str(run), str(model), "--path", "1", "--overwrite"]) == 0  # another prefix, same folder
     assert embed.main(_args(data, model, tmp_path / "emb")) == 1
     assert "other settings (model_sha256:" in capsys.readouterr().err
+
+
+def test_a_bad_negative_image_drops_that_candidate_and_the_score_is_the_trainers(trained, tmp_path):
+    """As train/eval_data.py: a bad query or positive image drops the row, a bad negative only that candidate."""
+    data, run, exported = trained
+    lines = (data / "eval" / "t2i.jsonl").read_text().splitlines()
+    negative = json.loads(lines[1])
+    negative["tgt_img_path"][2] = "no/such.png"
+    negative["tgt_text"][2] = negative["tgt_text"][2] if "<|image_1|>" in negative["tgt_text"][2] else "<|image_1|>"
+    subset = tmp_path / "negative.jsonl"
+    subset.write_text("\n".join([lines[0], json.dumps(negative), *lines[2:]]) + "\n")
+    assert embed.main(_args(data, exported, tmp_path / "emb", "--score", files=(subset,))) == 0
+    rows = [json.loads(r) for r in (tmp_path / "emb" / "rows.jsonl").read_text().splitlines()]
+    assert [len(r["targets"]) for r in rows[:3]] == [len(negative["tgt_text"]), len(negative["tgt_text"]) - 1,
+                                                    len(negative["tgt_text"])]
+
+    from pdfkernels.train.config import parse
+    from pdfkernels.train.data import ImageLoader
+    from pdfkernels.train.eval_data import load_eval_subset
+    from pdfkernels.train.evaluate import evaluate_subset
+    from pdfkernels.train.model import make_collator
+
+    model, tokenizer, processor, _ = export.read_checkpoint(run)
+    config = parse(run_args(data, tmp_path / "unused", "--eval-batch-size", str(EVAL_BATCH), "--num-workers", "0"))
+    config.num_paths = 1
+    kept = load_eval_subset(str(subset), config.image_dir).rows
+    trainer_score = evaluate_subset(model.eval(), make_collator(model, tokenizer, processor, config.max_length), kept,
+                                    ImageLoader(config.image_dir), config, None, torch.device("cpu"))["single"]
+    assert json.loads((tmp_path / "emb" / "scores.json").read_text()) == {"negative": trainer_score}
