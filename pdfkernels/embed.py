@@ -16,7 +16,8 @@ and ``ids``) each completed by ``shard-NNNNN.json`` (ids, SHA-256 of the array f
 to decode: NaN rows). Shards are written to a temporary name and renamed, so a killed run keeps every
 completed shard and a rerun encodes only the missing ones (identical files: one shard's batches never depend on
 another's). ``--score`` also writes Precision@1 per MMEB eval file (positive = candidate 0; ties count against
-it; ``precision_at_1``) to ``scores.json``. Bad rows (``--bad-rows``) and bad images (``--bad-images``): as the trainer's flags.
+it; ``precision_at_1``) to ``scores.json``. Bad rows (``--bad-rows``) and bad images (``--bad-images``): as
+the trainer's flags.
 """
 
 from __future__ import annotations
