@@ -53,10 +53,13 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
             raise BadImage(f"bad eval image (run with --bad-images skip to drop such rows and candidates): "
                            f"{problems[0][1]}")
         first = first or problems[0][1]
-        if problems[0][0] <= 1:  # the query or the positive: nothing left to score
+        negatives = {i - 1 for i, _ in problems if i > 0}
+        # nothing left to score: a bad query, or no relevant candidate left (the positive, candidate 0, of an MMEB
+        # row; every candidate with a gain > 0 of a visual-document row)
+        gains = row.get("rel_scores", [1.0] + [0.0] * (len(row["tgt_text"]) - 1))
+        if problems[0][0] == 0 or not any(g > 0 for i, g in enumerate(gains) if i not in negatives):
             dropped_rows += 1
             continue
-        negatives = {i - 1 for i, _ in problems}
         dropped_candidates += len(negatives)
         kept.append({**row, **{key: [t for i, t in enumerate(row[key]) if i not in negatives]
                                for key in ("tgt_text", "tgt_img_path", "tgt_video_path", "rel_scores") if key in row}})

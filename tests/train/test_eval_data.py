@@ -103,3 +103,19 @@ def test_the_command_line_says_a_bad_eval_image_in_one_line(data, tmp_path, caps
     assert run.cli(args) == 1
     err = capsys.readouterr().err
     assert "error: " in err and "missing.png" in err and "Traceback" not in err
+
+
+def test_skip_keeps_a_visual_document_row_while_a_relevant_page_is_left(tmp_path):
+    """rel_scores rows: candidate 0 need not be relevant; the row goes only when no page with a gain > 0 is left."""
+    (tmp_path / "images").mkdir()
+    for name in ("q", "p0", "p1", "p2"):
+        Image.new("RGB", (32, 32), "white").save(tmp_path / "images" / f"{name}.png")
+    row = {"qry_text": "find the page", "qry_img_path": "", "tgt_text": ["<|image_1|>"] * 3,
+           "tgt_img_path": ["p0.png", "p1.png", "p2.png"], "rel_scores": [0, 2, 1]}
+    rows = [dict(row, tgt_img_path=["gone.png", "p1.png", "p2.png"]),  # an irrelevant page bad: the row stays
+            dict(row, tgt_img_path=["p0.png", "gone.png", "gone2.png"]),  # both relevant pages bad: the row goes
+            row]
+    subset = load_eval_subset(_write(tmp_path / "visdoc.jsonl", rows), str(tmp_path / "images"))
+    assert (subset.dropped_rows, subset.dropped_candidates) == (1, 1)
+    assert [r["rel_scores"] for r in subset.rows] == [[2.0, 1.0], [0.0, 2.0, 1.0]]
+    assert subset.rows[0]["tgt_img_path"] == ["p1.png", "p2.png"]
