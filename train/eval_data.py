@@ -37,8 +37,13 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
                 verdicts[image] = str(exc)
         return verdicts.get(image)
 
+    rows = load_eval_rows(path)
+    ranked = sum("rel_scores" in row for row in rows)
+    if 0 < ranked < len(rows):  # a visual-document subset ranks every row against the whole pool, MMEB rows do not
+        raise ValueError(f"eval file {path}: {ranked} of {len(rows)} rows have 'rel_scores'; a file is either "
+                         f"visual documents (every row with rel_scores) or MMEB rows (none)")
     kept, dropped_rows, dropped_candidates, first = [], 0, 0, None
-    for index, row in enumerate(load_eval_rows(path)):
+    for index, row in enumerate(rows):
         videos = row.get("tgt_video_path") or [""] * len(row["tgt_img_path"])
         fields = [("qry_video_path", row["qry_video_path"], True) if row.get("qry_video_path") else
                   ("qry_img_path", row["qry_img_path"], False)]

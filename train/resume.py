@@ -24,7 +24,7 @@ log = logging.getLogger("pdf")
 # fields whose change makes the checkpoint another training run (or another set of parameters)
 # (the Table 3 switches set num_paths, prefix_len and lambda_mim: covered by these and the MIM check below)
 FIXED = ("model", "lora_r", "num_paths", "prefix_len", "train_data", "subset_weights", "image_dir", "global_batch",
-         "max_length", "seed", "hard_negatives", "image_resolution")
+         "max_length", "seed", "hard_negatives", "image_resolution", "num_frames", "video_fps")
 # flags about this invocation only, never compared
 TRANSIENT = ("resume", "overwrite", "stop_after")
 

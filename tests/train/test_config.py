@@ -122,3 +122,12 @@ def test_a_checkpoint_saved_with_the_old_switch_fields_still_compares(tmp_path):
     assert resume.compare(saved, parse(["--baseline"]), tmp_path) == []
     with pytest.raises(resume.ResumeError, match="num_paths: checkpoint 1, now 2"):
         resume.compare(saved, parse([]), tmp_path)
+
+
+def test_a_resume_with_other_video_sampling_is_refused(tmp_path):
+    from pdfkernels.train import resume
+
+    saved = vars(parse([]))
+    for flag, field in (("--num-frames", "num_frames"), ("--video-fps", "video_fps")):
+        with pytest.raises(resume.ResumeError, match=rf"{field}: checkpoint"):
+            resume.compare(saved, parse([flag, "3"]), tmp_path)

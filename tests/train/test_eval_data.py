@@ -119,3 +119,10 @@ def test_skip_keeps_a_visual_document_row_while_a_relevant_page_is_left(tmp_path
     assert (subset.dropped_rows, subset.dropped_candidates) == (1, 1)
     assert [r["rel_scores"] for r in subset.rows] == [[2.0, 1.0], [0.0, 2.0, 1.0]]
     assert subset.rows[0]["tgt_img_path"] == ["p1.png", "p2.png"]
+
+
+def test_an_eval_file_mixing_visual_document_and_mmeb_rows_is_refused(tmp_path):
+    row = {"qry_text": "q", "qry_img_path": "", "tgt_text": ["a", "b"], "tgt_img_path": ["", ""]}
+    path = _write(tmp_path / "mixed.jsonl", [row, dict(row, rel_scores=[1, 0])])
+    with pytest.raises(ValueError, match=r"mixed.jsonl: 1 of 2 rows have 'rel_scores'; a file is either"):
+        load_eval_subset(path, str(tmp_path))
