@@ -121,6 +121,8 @@ def _negatives(row: dict, where: str) -> tuple[list[str], list[str]]:
     images = [p or "" for p in images]
     for i, (text, image) in enumerate(zip(texts, images)):
         _agree(text, image, f"neg_text[{i}]", f"neg_image_path[{i}]", where)
+        # hard negatives carry images only: a video placeholder would fail mid-step, in the collator
+        _one_placeholder(text, VIDEO_PLACEHOLDER, "", f"neg_text[{i}]", "neg_video_path (not read)", "video", where)
     return texts, images
 
 

@@ -58,6 +58,8 @@ def test_negatives_are_read_as_mmeb_writes_them_and_as_lists(tmp_path):
     ({**ROW, "neg_text": [3]}, "'neg_text' expected a string or a list of non-empty strings"),
     ({**ROW, "neg_image_path": "b.png"}, "'neg_image_path' is 'b.png' but 'neg_text' is empty"),
     ({**ROW, "neg_text": ["a blue square"]}, "--hard-negatives 2 expected at least 2 negatives in 'neg_text', got 1"),
+    ({**ROW, "neg_text": ["<|video_1|> y", "a"]},
+     r"'neg_text\[0\]' has <\|video_1\|> but 'neg_video_path \(not read\)' is empty"),
 ])
 def test_bad_negatives_are_named_at_start_or_skipped(tmp_path, row, message):
     path = tmp_path / "t.jsonl"
