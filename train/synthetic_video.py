@@ -24,20 +24,34 @@ def frames(cls: tuple[str, str, str], rng: random.Random) -> list[Image.Image]:
     return [draw(*cls, rng) for _ in range(FRAMES)]
 
 
+def write_frames(folder: Path, clip: list[Image.Image]) -> Path:
+    """``clip`` as a frame folder, ``frame_1.png`` .. ``frame_n.png`` (natural order: frame_10 after frame_9)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(clip):
+        frame.save(folder / f"frame_{i + 1}.png")
+    return folder
+
+
+def write_video(path: Path, clip: list[Image.Image], fps: int = 4) -> Path:
+    """``clip`` as an MPEG-4 file, written with PyAV."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = clip[0].size
+        stream.pix_fmt = "yuv420p"
+        for frame in clip:
+            container.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        container.mux(stream.encode())
+    return path
+
+
 def _write(folder: Path, name: str, clip: list[Image.Image], as_file: bool) -> str:
     if as_file:
-        import av
-
-        with av.open(str(folder / f"{name}.mp4"), "w") as container:
-            stream = container.add_stream("mpeg4", rate=4)
-            stream.width, stream.height, stream.pix_fmt = SIDE, SIDE, "yuv420p"
-            for frame in clip:
-                container.mux(stream.encode(av.VideoFrame.from_image(frame)))
-            container.mux(stream.encode())
+        write_video(folder / f"{name}.mp4", clip)
         return f"videos/{name}.mp4"
-    (folder / name).mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(clip):
-        frame.save(folder / name / f"frame_{i + 1}.png")
+    write_frames(folder / name, clip)
     return f"videos/{name}"
 
 

@@ -1,12 +1,12 @@
-"""Tiny generated videos for the video tests: a square moving across a few frames, as a frame folder or an
-MPEG-4 file written with PyAV."""
+"""Tiny generated videos for the video tests: a square moving across a few frames, written as a frame folder or
+an MPEG-4 file by the synthetic video set's writers."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image
+
+from pdfkernels.train.synthetic_video import write_frames, write_video  # noqa: F401  (the tests' writers)
 
 
 def moving_square(frames: int, side: int = 32, color=(220, 30, 30), seed: int = 0) -> list[Image.Image]:
@@ -20,24 +20,3 @@ def moving_square(frames: int, side: int = 32, color=(220, 30, 30), seed: int = 
     return out
 
 
-def write_frames(folder: Path, frames: list[Image.Image]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        frame.save(folder / f"frame_{i + 1}.png")  # 1..n: natural order (frame_10 after frame_9)
-    return folder
-
-
-def write_video(path: Path, frames: list[Image.Image], fps: int = 4) -> Path:
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
