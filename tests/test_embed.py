@@ -143,24 +143,27 @@ def test_other_settings_into_the_same_out_are_refused(trained, tmp_path, capsys)
     assert "--model expected an export folder" in capsys.readouterr().err
 
 
-def _video_rows(data: Path) -> Path:
-    """An eval file of video queries (frame folders under the image dir) against text candidates."""
+def _video_rows(folder: Path) -> Path:
+    """An eval file of video queries (frame folders under ``folder/images``, not the shared data set's) against
+    text candidates."""
     from tests.train.video_helpers import moving_square, write_frames
 
     rows = []
     for i, color in enumerate([(220, 30, 30), (30, 30, 220)]):
-        write_frames(data / "images" / f"clip{i}", moving_square(4, color=color, seed=i))
+        write_frames(folder / "images" / f"clip{i}", moving_square(4, color=color, seed=i))
         rows.append({"qry_text": "<|video_1|> a moving square", "qry_img_path": "", "qry_video_path": f"clip{i}",
                      "tgt_text": ["red square", "blue square"], "tgt_img_path": ["", ""]})
-    path = data / "eval" / "video.jsonl"
+    path = folder / "video.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_video_rows_are_embedded_with_their_frames_as_the_trainer_encodes_them(trained, tmp_path):
     data, run, exported = trained
-    videos = _video_rows(data)
-    assert embed.main(_args(data, exported, tmp_path / "emb", "--num-frames", "2", files=(videos,))) == 0
+    videos = _video_rows(tmp_path)
+    images = str(tmp_path / "images")
+    assert embed.main(_args(data, exported, tmp_path / "emb", "--num-frames", "2", "--image-dir", images,
+                            files=(videos,))) == 0
     listed = [json.loads(line) for line in (tmp_path / "emb" / "items.jsonl").read_text().splitlines()]
     assert [x["video"] for x in listed] == ["clip0", "clip1", "", ""]  # two distinct queries, shared candidates
 
@@ -176,7 +179,7 @@ def test_video_rows_are_embedded_with_their_frames_as_the_trainer_encodes_them(t
     config.num_paths = 1
     queries, candidates, _, _ = unique_items(load_eval_rows(str(videos)))
     emb, failed = encode_items(model.eval(), make_collator(model, tokenizer, processor, config.max_length),
-                               queries + candidates, ImageLoader(config.image_dir, num_frames=2), config, None,
+                               queries + candidates, ImageLoader(images, num_frames=2), config, None,
                                torch.device("cpu"))
     assert not failed
     got = F.normalize(embed.read_embeddings(tmp_path / "emb"), dim=-1)
@@ -201,7 +204,8 @@ def test_video_rows_for_a_family_that_reads_no_video_are_refused_before_any_shar
 
     data, _, exported = trained
     monkeypatch.setitem(FAMILIES, "qwen2_vl", dataclasses.replace(FAMILIES["qwen2_vl"], video=False))
-    assert embed.main(_args(data, exported, tmp_path / "emb", files=(_video_rows(data),))) == 1
+    assert embed.main(_args(data, exported, tmp_path / "emb", "--image-dir", str(tmp_path / "images"),
+                            files=(_video_rows(tmp_path),))) == 1
     assert "--data holds video rows, which Qwen2-VL does not read here" in capsys.readouterr().err
     assert not (tmp_path / "emb").exists()  # refused before anything is written
 
