@@ -202,6 +202,10 @@ class PDFTrainerMixin:
 
     # --- checkpoints
     def _save(self, output_dir: str | None = None, state_dict=None):
+        if not self.args.should_save:
+            # DeepSpeed's save_model calls _save on every rank (the state already gathered); one rank writes, as
+            # in the Trainer's own _save: two ranks renaming one temporary file into place raced
+            return
         super()._save(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         models.save_pdf(os.path.join(output_dir, PDF_FILE), self.model, self.pdf_aggregator, self.pdf_estimator)

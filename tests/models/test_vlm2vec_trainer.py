@@ -193,3 +193,15 @@ def test_deploy_the_single_prefix_embedding_from_a_checkpoint(tmp_path):
     deployed = vlm2vec.load_pdf_weights(MMEBModel.load(model_args, is_trainable=False), model_args.checkpoint_path)
     with torch.no_grad(), models.use_paths(deployed, 0):
         torch.testing.assert_close(deployed.encode_input(qry), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_writing_rank_saves(tmp_path, monkeypatch):
+    """DeepSpeed's save_model calls _save on every rank: a rank that does not save writes nothing (two ranks
+    renaming one temporary file into place raced), and the writing rank writes the PDF files."""
+    trainer, _ = _trainer(tmp_path / "run", make_rows(BATCH, seed=7))
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    trainer._save(str(tmp_path / "other-rank"))
+    assert not (tmp_path / "other-rank").exists()
+    monkeypatch.undo()
+    trainer._save(str(tmp_path / "writer"))
+    assert {vlm2vec.PDF_FILE, vlm2vec.ESTIMATOR_OPTIMIZER_FILE} <= set(os.listdir(tmp_path / "writer"))
