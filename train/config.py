@@ -62,7 +62,7 @@ class TrainConfig:
     bad_rows: str = "error"  # malformed rows, found at start: "error" (stop naming file and row) or "skip"
     image_resolution: int = 0  # > 0: images resized to this square first (VLM2Vec: high 1344, low 128); 0: as stored
     num_frames: int = 8  # frames sampled uniformly per video row (VLM2Vec's num_frames)
-    video_fps: float = 0.0  # > 0: a video file gives at most duration x video_fps frames (at least 2)
+    video_fps: float = 0.0  # > 0: a video file gives at most duration x video_fps frames (2 to num_frames)
     hard_negatives: int = 0  # hard negatives per query (neg_text/neg_image_path, the first so many); 0: none
     max_length: int = 512  # text tokens per sequence (image tokens are never cut); longer texts cut and counted
     num_workers: int | None = None  # data-loader processes per rank; None: train.loader.default_workers()

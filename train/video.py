@@ -5,9 +5,10 @@ A video is a folder of frame images (sorted by the numbers in their names, as VL
 video file decoded with PyAV (``pip install av``: FFmpeg bundled in its wheels, nothing to install on the
 machine). ``num_frames`` frames are sampled uniformly over the video, ``np.linspace(0, n - 1, num_frames)``
 as VLM2Vec's ``sample_frames`` (a shorter video repeats frames); with ``fps`` > 0 a file's video gives at
-most ``duration × fps`` of them (at least 2). Refused: a missing path, a file PyAV cannot decode, zero
-frames, more than ``MAX_FRAMES`` frames (hours of video: decoding it to sample 8 frames would stall the
-step), frames that ``train/images.py`` refuses. Frames are resized to the first frame's size.
+most ``duration × fps`` of them, never more than ``num_frames`` and at least 2 (one temporal patch) unless
+``num_frames`` is 1. Refused: a missing path, a file PyAV cannot decode, zero frames, more than ``MAX_FRAMES``
+frames (hours of video: decoding it to sample 8 frames would stall the step), frames that ``train/images.py``
+refuses. Frames are resized to the first frame's size.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _file_frames(full: Path, num_frames: int, fps: float) -> list[Image.Image]:
                 raise BadImage(f"video {full}: zero frames")
             count = num_frames
             if fps > 0 and stream.average_rate:
-                count = max(2, min(num_frames, int(total / float(stream.average_rate) * fps)))
+                count = min(num_frames, max(2, int(total / float(stream.average_rate) * fps)))
             wanted = sample_indices(total, count)
             container.seek(0)
             decoded: dict[int, Image.Image] = {}

@@ -49,6 +49,8 @@ def test_video_file_decodes_the_sampled_frames(tmp_path):
         assert int(np.argmin(errors)) == index
     fps_limited = video.load(str(tmp_path), "clip.mp4", num_frames=8, fps=1.0)  # 12 frames at 4 fps = 3 s
     assert len(fps_limited.frames) == 3
+    assert len(video.load(str(tmp_path), "clip.mp4", num_frames=1, fps=1.0).frames) == 1  # never above num_frames
+    assert len(video.load(str(tmp_path), "clip.mp4", num_frames=8, fps=0.1).frames) == 2  # 0.3 frames: a patch
     video.check(str(tmp_path), "clip.mp4")
 
 
