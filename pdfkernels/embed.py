@@ -80,9 +80,10 @@ def _row_items(row: dict) -> tuple[tuple[str, str, str], list[tuple[str, str, st
 
 def read_part(path: str, args) -> tuple[Part, int]:
     """A data file's checked rows as a ``Part`` and the number of rows left out (``--bad-rows skip``: a malformed
-    row; ``--bad-images skip``: a row with an image that its header shows to be bad). An image that fails only
-    when decoded leaves a NaN row in its shard (listed as ``failed``)."""
+    row; ``--bad-images skip``: images that their headers show to be bad, by the evaluation's rule
+    ``candidates_to_drop``). An image that fails only when decoded leaves a NaN row in its shard (``failed``)."""
     from pdfkernels.train import images, video
+    from pdfkernels.train.eval_data import candidates_to_drop, gains_of
     from pdfkernels.train.images import BadImage
     from pdfkernels.train.rows import BadRow, _where, check_eval_row, check_train_row, read_rows
 
@@ -124,18 +125,19 @@ def read_part(path: str, args) -> tuple[Part, int]:
                     if (why := problem_of(image, clip))]
         if problems and args.bad_images == "error":
             raise BadImage(f"{where}: {problems[0][1]} (run with --bad-images skip to leave such rows out)")
-        if problems and problems[0][0] <= 1:  # the query or the positive: nothing left to score (as the trainer)
-            if bad_images == 0:
-                log.warning("%s: leaving out a row with a bad image: %s: %s", path, where, problems[0][1])
-            bad_images += 1
-            continue
-        if problems:  # bad negatives only: those candidates go, the row stays (train/eval_data.py's rule)
-            candidates = [c for i, c in enumerate(candidates, start=1) if i not in {j for j, _ in problems}]
-            bad_negatives += len(problems)
+        if problems:  # the evaluation's rule: the row goes when nothing is left to score, else its bad candidates
+            dropped = candidates_to_drop({i for i, _ in problems}, gains_of(checked, len(candidates)))
+            if dropped is None:
+                if bad_images == 0:
+                    log.warning("%s: leaving out a row with a bad image: %s: %s", path, where, problems[0][1])
+                bad_images += 1
+                continue
+            candidates = [c for i, c in enumerate(candidates) if i not in dropped]
+            bad_negatives += len(dropped)
         q = queries.setdefault(query, len(queries))
         kept.append((index + 1, q, [targets.setdefault(c, len(targets)) for c in candidates]))
     if bad_images or bad_negatives:
-        log.warning("%s: %d rows with a bad query or positive image of %d left out, %d bad negative candidates",
+        log.warning("%s: %d rows of %d left out for bad images (nothing left to score), %d bad candidates dropped",
                     path, bad_images, len(rows), bad_negatives)
     if bad:
         log.warning("%s: %d bad rows of %d left out", path, bad, len(rows))

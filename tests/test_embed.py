@@ -221,6 +221,23 @@ def test_a_re_export_into_the_same_model_folder_is_not_resumed_into_the_old_shar
     assert "other settings (model_sha256:" in capsys.readouterr().err
 
 
+def test_a_visual_document_row_stays_while_a_relevant_page_is_left(trained, tmp_path):
+    """The evaluation's rule (train/eval_data.py) for rel_scores rows: candidate 0 need not be relevant."""
+    data, _, exported = trained
+    lines = [json.loads(line) for line in (data / "eval" / "t2i.jsonl").read_text().splitlines()[:3]]
+    for row in lines:
+        row["tgt_img_path"][0] = "no/such.png"
+        row["tgt_text"][0] = row["tgt_text"][0] if "<|image_1|>" in row["tgt_text"][0] else "<|image_1|>"
+    gains = [[1, 2] + [0] * (len(r["tgt_text"]) - 2) for r in lines]  # a relevant page left
+    gains[1] = [1] + [0] * (len(lines[1]["tgt_text"]) - 1)  # only the bad page was relevant
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps(dict(r, rel_scores=g)) + "\n" for r, g in zip(lines, gains)))
+    assert embed.main(_args(data, exported, tmp_path / "emb", files=(docs,))) == 0
+    rows = [json.loads(r) for r in (tmp_path / "emb" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["line"], len(r["targets"])) for r in rows] == [(1, len(lines[0]["tgt_text"]) - 1),
+                                                             (3, len(lines[2]["tgt_text"]) - 1)]
+
+
 def test_a_bad_negative_image_drops_that_candidate_and_the_score_is_the_trainers(trained, tmp_path):
     """As train/eval_data.py: a bad query or positive image drops the row, a bad negative only that candidate."""
     data, run, exported = trained

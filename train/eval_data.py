@@ -24,6 +24,21 @@ class EvalSubset:
     dropped_candidates: int = 0
 
 
+def candidates_to_drop(bad: set[int], gains: list[float]) -> set[int] | None:
+    """Of one row whose items at ``bad`` (0: the query, i: candidate i - 1) have bad images: the candidates to
+    drop, or None when nothing is left to score (a bad query, or no candidate with a gain > 0 left: the positive,
+    candidate 0, of an MMEB or training row; every page with a gain > 0 of a visual-document row)."""
+    negatives = {i - 1 for i in bad if i > 0}
+    if 0 in bad or not any(g > 0 for i, g in enumerate(gains) if i not in negatives):
+        return None
+    return negatives
+
+
+def gains_of(row: dict, candidates: int) -> list[float]:
+    """A row's graded relevance per candidate: its ``rel_scores``, else 1 for the positive and 0 for the rest."""
+    return row.get("rel_scores", [1.0] + [0.0] * (candidates - 1))
+
+
 def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, policy: str = "skip") -> EvalSubset:
     """The subset's checked rows, with the rows and candidates dropped for bad images (``policy`` skip)."""
     verdicts: dict[str, str | None] = {}  # image path -> why it is bad, or None
@@ -58,11 +73,8 @@ def load_eval_subset(path: str, image_dir: str, allow_outside: bool = False, pol
             raise BadImage(f"bad eval image (run with --bad-images skip to drop such rows and candidates): "
                            f"{problems[0][1]}")
         first = first or problems[0][1]
-        negatives = {i - 1 for i, _ in problems if i > 0}
-        # nothing left to score: a bad query, or no relevant candidate left (the positive, candidate 0, of an MMEB
-        # row; every candidate with a gain > 0 of a visual-document row)
-        gains = row.get("rel_scores", [1.0] + [0.0] * (len(row["tgt_text"]) - 1))
-        if problems[0][0] == 0 or not any(g > 0 for i, g in enumerate(gains) if i not in negatives):
+        negatives = candidates_to_drop({i for i, _ in problems}, gains_of(row, len(row["tgt_text"])))
+        if negatives is None:
             dropped_rows += 1
             continue
         dropped_candidates += len(negatives)
