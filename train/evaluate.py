@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from pdfkernels import models
 
 from .data import BadImage, Collator, ImageLoader, refuse_unread_videos
-from .eval_data import load_eval_subset
+from .eval_data import candidates_to_drop, gains_of, load_eval_subset
 from .loader import default_workers, ignore_signals, interruptible, iterate
 from .losses import world
 from .precision import autocast
@@ -222,9 +222,13 @@ def score_subset(model, collator: Collator, rows: list[dict], loader: ImageLoade
     dropped_rows = dropped_candidates = 0
     if failed:
         q = len(queries)
-        kept = [r for r in range(len(rows)) if query_of[r] not in failed and cands_of[r][0] + q not in failed]
+        # the start check's rule (eval_data.candidates_to_drop), on the items that failed only when decoded
+        bad = [{i for i, item in enumerate([query_of[r], *(c + q for c in cands_of[r])]) if item in failed}
+               for r in range(len(rows))]
+        verdicts = [candidates_to_drop(bad[r], gains_of(rows[r], len(cands_of[r]))) for r in range(len(rows))]
+        kept = [r for r, verdict in enumerate(verdicts) if verdict is not None]
         dropped_rows = len(rows) - len(kept)
-        trimmed = [[c for c in cands_of[r] if c + q not in failed] for r in kept]
+        trimmed = [[c for i, c in enumerate(cands_of[r]) if i not in verdicts[r]] for r in kept]
         dropped_candidates = sum(len(cands_of[r]) for r in kept) - sum(len(c) for c in trimmed)
         log.warning("%s: %d images failed when decoded (--bad-images skip): dropped %d of %d rows and %d negative "
                     "candidates (first: %s)", name, len(failed), dropped_rows, len(rows), dropped_candidates,

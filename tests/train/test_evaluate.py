@@ -179,3 +179,19 @@ def test_an_image_that_fails_only_when_decoded_is_left_out_with_skip_and_stops_w
     config.bad_images = "error"
     with pytest.raises(BadImage, match=r"bad eval image .*damaged.png"):
         score_subset(model, collator, broken, loader, config, aggregator, "cpu")
+
+
+def test_a_visual_document_row_whose_page_fails_when_decoded_stays_while_a_relevant_page_is_left(data, tmp_path):
+    """The start check's rule (eval_data.candidates_to_drop) for pages that fail only when decoded: candidate 0
+    of a rel_scores row need not be relevant; the failed page leaves the pool, as if never listed."""
+    config, model, collator, aggregator = _setup(data, bad_images="skip")
+    loader = ImageLoader(str(tmp_path / "images"))
+    rows = [dict(r, rel_scores=[1.0, 2.0, 0.0, 0.0]) for r in _damaged_pool(data, tmp_path)[:4]]
+    rows[3]["rel_scores"] = [1.0, 0.0, 0.0, 0.0]  # only its first page is relevant
+    broken = [dict(r, tgt_text=[PICTURE, *r["tgt_text"][1:]], tgt_img_path=["damaged.png", *r["tgt_img_path"][1:]])
+              for r in rows]
+    expected = [{k: (v[1:] if k in ("tgt_text", "tgt_img_path", "rel_scores") else v) for k, v in r.items()}
+                for r in rows[:3]]
+    result, dropped_rows, dropped_candidates = score_subset(model, collator, broken, loader, config, aggregator, "cpu")
+    assert (dropped_rows, dropped_candidates) == (1, 3)
+    assert result == pytest.approx(evaluate_subset(model, collator, expected, loader, config, aggregator, "cpu"))
