@@ -45,14 +45,15 @@ def confined(image_dir: str, path: str, allow_outside: bool = False) -> Path:
     return full
 
 
-def _check_size(full: Path, width: int, height: int) -> None:
+def check_size(full: Path, width: int, height: int, what: str = "image") -> None:
+    """The pixel-count and aspect-ratio rules of one image, or of each frame of a video (``what``)."""
     if width < 1 or height < 1:
-        raise BadImage(f"image {full}: size {width}x{height} has no pixels")
+        raise BadImage(f"{what} {full}: size {width}x{height} has no pixels")
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        raise BadImage(f"image {full}: {width}x{height} = {width * height} pixels, above the "
+        raise BadImage(f"{what} {full}: {width}x{height} = {width * height} pixels, above the "
                        f"{Image.MAX_IMAGE_PIXELS} that Pillow decodes without a decompression-bomb warning")
     if max(width, height) / min(width, height) > MAX_ASPECT:
-        raise BadImage(f"image {full}: aspect ratio {max(width, height) / min(width, height):.0f}:1 ({width}x"
+        raise BadImage(f"{what} {full}: aspect ratio {max(width, height) / min(width, height):.0f}:1 ({width}x"
                        f"{height}) is above {MAX_ASPECT}:1, which the image processors refuse")
 
 
@@ -80,7 +81,7 @@ def _opened(full: Path) -> Iterator[Image.Image]:
     """The file opened lazily (header read, size checked); Pillow's errors as ``BadImage`` naming it."""
     try:
         with Image.open(full) as img:
-            _check_size(full, *img.size)
+            check_size(full, *img.size)
             yield img
     except Image.DecompressionBombError as exc:  # not an OSError: raised by Image.open itself
         raise BadImage(f"image {full}: {exc}") from exc
@@ -101,5 +102,5 @@ def load(image_dir: str, path: str, allow_outside: bool = False) -> Image.Image:
     full = confined(image_dir, path, allow_outside)
     with _opened(full) as img:  # reads the header only
         upright = ImageOps.exif_transpose(img)
-        _check_size(full, *upright.size)
+        check_size(full, *upright.size)
         return to_rgb(upright, full)

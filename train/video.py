@@ -8,7 +8,7 @@ as VLM2Vec's ``sample_frames`` (a shorter video repeats frames); with ``fps`` > 
 most ``duration × fps`` of them, never more than ``num_frames`` and at least 2 (one temporal patch) unless
 ``num_frames`` is 1. Refused: a missing path, a file PyAV cannot decode, zero frames, more than ``MAX_FRAMES``
 frames (hours of video: decoding it to sample 8 frames would stall the step), frames that ``train/images.py``
-refuses. Frames are resized to the first frame's size.
+refuses (a file's frame size from its header, before decoding). Frames are resized to the first frame's size.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ def _file_frames(full: Path, num_frames: int, fps: float) -> list[Image.Image]:
             if not container.streams.video:
                 raise BadImage(f"video {full}: no video stream")
             stream = container.streams.video[0]
+            images.check_size(full, stream.width, stream.height, "video")  # before a frame of it is decoded
             # the header's count, else the packets, counted no further than the limit (a long file must not stall)
             total = stream.frames or sum(1 for _ in islice((p for p in container.demux(stream) if p.size),
                                                            MAX_FRAMES + 1))
@@ -119,7 +120,8 @@ def load(image_dir: str, path: str, num_frames: int = 8, fps: float = 0.0, allow
 
 def check(image_dir: str, path: str, allow_outside: bool = False) -> None:
     """``BadImage`` for what is visible without decoding frames: outside ``image_dir``, missing, a folder
-    without frames or with too many, a file without a video stream or with too many frames in its header."""
+    without frames or with too many, a file without a video stream, with too many frames in its header or a
+    frame size the image rules refuse (pixels, aspect ratio)."""
     full = images.confined(image_dir, path, allow_outside)
     if full.is_dir():
         count = len(frame_files(full))
@@ -133,8 +135,9 @@ def check(image_dir: str, path: str, allow_outside: bool = False) -> None:
         with av.open(str(full)) as container:
             if not container.streams.video:
                 raise BadImage(f"video {full}: no video stream")
-            if container.streams.video[0].frames > MAX_FRAMES:
-                raise BadImage(f"video {full}: {container.streams.video[0].frames} frames, above the {MAX_FRAMES} "
-                               f"this trainer decodes")
+            stream = container.streams.video[0]
+            images.check_size(full, stream.width, stream.height, "video")
+            if stream.frames > MAX_FRAMES:
+                raise BadImage(f"video {full}: {stream.frames} frames, above the {MAX_FRAMES} this trainer decodes")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise BadImage(f"video {full}: {type(exc).__name__}: {exc}") from exc

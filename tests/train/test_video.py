@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pdfkernels.train.run as run
 from pdfkernels import models
@@ -70,6 +71,11 @@ def test_bad_videos_are_bad_images(tmp_path, monkeypatch):
         video.load(str(tmp_path), "missing.mp4")
     with pytest.raises(BadImage, match="outside --image-dir"):
         video.load(str(tmp_path / "empty"), "../long")
+    with monkeypatch.context() as scaled:  # an enormous frame size, scaled down: the clips are 32x32
+        scaled.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        for refuse in (video.load, video.check):
+            with pytest.raises(BadImage, match=r"video .*long.mp4: 32x32 = 1024 pixels, above the 1000"):
+                refuse(str(tmp_path), "long.mp4")
     monkeypatch.setattr(video, "MAX_FRAMES", 4)  # an enormous frame count, scaled down
     for path in ("long", "long.mp4"):
         with pytest.raises(BadImage, match="5 frames, above the 4"):
