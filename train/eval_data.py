@@ -2,8 +2,9 @@
 every row (train/rows.py) and every image a row references, from its header (train/images.py ``check``:
 outside ``--image-dir``, missing, not an image, decompression bomb, aspect ratio, float pixels; each distinct
 path opened once). ``--bad-images error`` stops naming the file, the row and the field; ``skip`` drops a row
-whose query or positive (candidate 0) image is bad and a bad negative from its row's candidates, counting
-both. Evaluation reads its subsets through the same function, so it scores exactly what the check kept."""
+that has nothing left to score and any other bad candidate from its row's candidates (``candidates_to_drop``,
+also the rule for items that fail only when decoded, and ``embed``'s), counting both. Evaluation reads its
+subsets through the same function, so it scores exactly what the check kept."""
 
 from __future__ import annotations
 
