@@ -69,7 +69,8 @@ def _file_frames(full: Path, num_frames: int, fps: float) -> list[Image.Image]:
             if not container.streams.video:
                 raise BadImage(f"video {full}: no video stream")
             stream = container.streams.video[0]
-            images.check_size(full, stream.width, stream.height, "video")  # before a frame of it is decoded
+            if stream.width and stream.height:  # before a frame of it is decoded (a header without them: below)
+                images.check_size(full, stream.width, stream.height, "video")
             # the header's count, else the packets, counted no further than the limit (a long file must not stall)
             total = stream.frames or sum(1 for _ in islice((p for p in container.demux(stream) if p.size),
                                                            MAX_FRAMES + 1))
@@ -112,6 +113,7 @@ def load(image_dir: str, path: str, num_frames: int = 8, fps: float = 0.0, allow
                   for i in sample_indices(len(files), num_frames)]
     elif full.is_file():
         frames = [images.to_rgb(f, full) for f in _file_frames(full, num_frames, fps)]
+        images.check_size(full, *frames[0].size, "video")  # the size every frame is given
     else:
         raise BadImage(f"video {full}: no such file or folder")
     size = frames[0].size
@@ -136,7 +138,8 @@ def check(image_dir: str, path: str, allow_outside: bool = False) -> None:
             if not container.streams.video:
                 raise BadImage(f"video {full}: no video stream")
             stream = container.streams.video[0]
-            images.check_size(full, stream.width, stream.height, "video")
+            if stream.width and stream.height:  # a header without them: checked once decoded (load)
+                images.check_size(full, stream.width, stream.height, "video")
             if stream.frames > MAX_FRAMES:
                 raise BadImage(f"video {full}: {stream.frames} frames, above the {MAX_FRAMES} this trainer decodes")
     except (av.error.FFmpegError, OSError, ValueError) as exc:
