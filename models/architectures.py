@@ -102,15 +102,18 @@ def tiny_llava(vocab_size: int = 128) -> LlavaConfig:
                        image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-1)
 
 
+# the vision tower both Qwen2-VL sizes share (its output width, hidden_size, is the language model's)
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, in_channels=3)
+
+
 def qwen2vl_2b() -> Qwen2VLConfig:
     """The Qwen2-VL-2B architecture (2,208,985,600 parameters), for speed work with random weights."""
     return _qwen2vl(
         dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
              num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
              tie_word_embeddings=True, rms_norm_eps=1e-6),
-        dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        mrope_section=[16, 24, 24], rope_theta=1e6)
+        dict(_QWEN2_VISION, hidden_size=1536), mrope_section=[16, 24, 24], rope_theta=1e6)
 
 
 def qwen2vl_7b() -> Qwen2VLConfig:
@@ -119,9 +122,7 @@ def qwen2vl_7b() -> Qwen2VLConfig:
         dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
              tie_word_embeddings=False, rms_norm_eps=1e-6),
-        dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-             spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        mrope_section=[16, 24, 24], rope_theta=1e6)
+        dict(_QWEN2_VISION, hidden_size=3584), mrope_section=[16, 24, 24], rope_theta=1e6)
 
 
 # Qwen2.5-VL-3B / -7B and Qwen3-VL-2B: the numbers of the published Qwen/*-Instruct config.json files (see the
